@@ -1,0 +1,62 @@
+# Each target is a thin wrapper over `ddpmctl`; every one creates .venv first if it is missing.
+# Override any variable on the command line, e.g. `make train CONFIG=configs/celeba_128_m3_ultra.yaml DATA=~/faces`.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+# torch is pinned to the build this project is tested with; on another machine (e.g. a Mac) use
+# `make install TORCH_SPEC="torch torchvision"` to take the newest release for it.
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+CONFIG      ?= configs/demo_cpu.yaml
+DATA        ?=
+WORK        ?= runs/working
+GEN         ?= runs/generated
+NAME        ?=
+CHECKPOINT  ?= $(WORK)/demo
+OUT         ?= runs/samples
+NUM         ?= 64
+STAMP       := $(VENV)/.installed
+
+.PHONY: help install test demo lint bench train resume sample doctor clean
+
+help:  ## list the targets and the variables they use
+	@echo "targets: install test demo lint bench train resume sample doctor clean"
+	@echo "variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) GEN=$(GEN) NAME=$(NAME)"
+	@echo "           CHECKPOINT=$(CHECKPOINT) OUT=$(OUT) NUM=$(NUM) TORCH_SPEC='$(TORCH_SPEC)'"
+	@echo "example:   make train CONFIG=configs/celeba_128_m3_ultra.yaml DATA=./celeb_hq_128 NAME=faces"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install ddpmctl with its test tools
+
+test: $(STAMP)  ## run the test suite (CPU, a few minutes)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check ddpmctl tests benchmarks
+
+demo: $(STAMP)  ## build the demo data, train on the CPU, sample a grid
+	$(BIN)/python -m ddpmctl.demo --data data/demo --work $(WORK) --generated $(GEN) --out $(OUT)/demo
+
+bench: $(STAMP)  ## ddpmctl against diffusers on this machine
+	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
+
+train: $(STAMP)
+	$(BIN)/ddpmctl train --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
+		$(if $(DATA),--path-to-data $(DATA)) $(if $(NAME),--experiment-name $(NAME))
+
+resume: $(STAMP)
+	$(BIN)/ddpmctl resume --working-directory $(WORK) $(if $(NAME),--experiment-name $(NAME))
+
+sample: $(STAMP)
+	$(BIN)/ddpmctl sample --checkpoint $(CHECKPOINT) --out $(OUT) --num $(NUM) --grid
+
+doctor: $(STAMP)
+	$(BIN)/ddpmctl doctor
+
+clean:  ## remove the demo data and runs (not .venv)
+	rm -rf runs data/demo

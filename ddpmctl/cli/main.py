@@ -1,0 +1,46 @@
+"""The ``ddpmctl`` Typer application: one module per command, registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from .options import UNDERSCORE_ALIASES
+from .sample import sample_cmd
+from .train import resume_cmd, train_cmd
+
+app = typer.Typer(
+    name="ddpmctl",
+    help="Train Denoising Diffusion Probabilistic Models on your own images, and sample from them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ddpmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="show the version and exit")] = None,
+) -> None:
+    """Train Denoising Diffusion Probabilistic Models on your own images, and sample from them."""
+
+
+app.command("train", help="Train a new run (defaults < --config FILE < options).",
+            context_settings=UNDERSCORE_ALIASES)(train_cmd)
+app.command("resume", help="Continue a run from its latest checkpoint; its config.yaml holds the rest.",
+            context_settings=UNDERSCORE_ALIASES)(resume_cmd)
+app.command("sample")(sample_cmd)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,369 @@
+"""Typed run configuration: nested dataclasses, YAML loading, command-line overrides, dumping.
+
+Precedence is built-in defaults < ``--config FILE`` (YAML) < command-line options. Every value is
+parsed with its field's declared type (PyYAML reads ``1e-4`` as a string), and an unknown key is an
+error that names it. The trailing comment on each field is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import io
+import tokenize
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    experiment_name: str = "ddpm"  # name of the run: its folder under working_directory and generated_directory
+    working_directory: str = "./working"  # where each run keeps config.yaml, checkpoints and logs
+    generated_directory: str = "./generated"  # where each run writes its step_<N>.png progression grids
+    seed: int = 0  # seeds weights, data order, noise and evaluation noise; the same seed repeats a run
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto picks CUDA, then MPS, then the CPU
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 128  # image width and height in pixels
+    starting_channels: int = 128  # channels after the first convolution (C)
+    channel_multipliers: tuple[int, ...] = (1, 2, 3, 4)  # channels of each resolution stage, times C
+    num_res_blocks: int = 1  # residual blocks per encoder stage (the decoder has one more)
+    attention_resolutions: tuple[int, ...] | None = None  # resolutions with self-attention; none given: after every downsampling
+    num_heads: int = 4  # attention heads
+    bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
+    dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
+
+
+@dataclass
+class DiffusionConfig:
+    num_diffusion_timesteps: int = 1000  # number of diffusion timesteps T
+    beta_schedule: Literal["linear", "cosine"] = "linear"  # linear (Ho et al.) or cosine (Nichol & Dhariwal)
+    beta_start: float = 1e-4  # first beta of the linear schedule
+    beta_end: float = 0.02  # last beta of the linear schedule
+    prediction_type: Literal["epsilon", "v"] = "epsilon"  # what the network predicts: the noise, or v
+    loss_fn: Literal["mse", "mae", "huber"] = "mse"  # loss between prediction and target
+
+
+@dataclass
+class DataConfig:
+    path_to_data: str | None = None  # folder of training images (searched recursively), or a prepared folder
+    num_workers: int = 4  # DataLoader worker processes; 0 loads in the main process
+    random_flip: bool = True  # flip half the images left-right (done on the device)
+
+
+@dataclass
+class TrainingConfig:
+    num_training_steps: int = 150000  # total optimizer steps
+    batch_size: int = 32  # images per micro-batch, per process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x processes)
+    learning_rate: float = 1e-4  # peak learning rate of the cosine schedule
+    warmup_steps: int = 5000  # optimizer steps of linear learning-rate warmup
+    weight_decay: float = 1e-4  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient-norm clipping threshold; 0 turns clipping off
+    ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
+    ema_warmup: bool = True  # ramp the EMA decay as (1+n)/(10+n) so early samples are not noise
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA if supported, else fp32
+    compile: bool = False  # torch.compile the model (slow first steps, faster afterwards)
+    channels_last: bool = True  # channels-last memory format on CUDA (faster convolutions)
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    resume_from_checkpoint: str | None = None  # checkpoint_<step> or latest: continue the run from it
+
+
+@dataclass
+class SamplingConfig:
+    evaluation_interval: int = 5000  # optimizer steps between checkpoints and progression grids
+    num_generations: int = 5  # rows (samples) in each progression grid
+    plot_freq_interval: int = 100  # timesteps between the columns of a progression grid
+    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddpm"  # sampler for grids and samples
+    sampling_steps: int | None = None  # denoising steps for ddim/dpmpp2m; none: all timesteps
+    eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 like DDPM
+    show_x0: bool = False  # add a row of predicted x_0 under each grid sample
+
+
+@dataclass
+class LoggingConfig:
+    num_keep_checkpoints: int = 1  # number of recent checkpoints to keep
+    log_interval: int = 10  # optimizer steps between loss read-backs (each one waits for the device)
+    use_wandb: bool = False  # log to Weights & Biases (pip install 'ddpmctl[wandb]')
+    wandb_project: str = "ddpmctl"  # Weights & Biases project name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """WORKING_DIRECTORY/EXPERIMENT_NAME: config, checkpoints, metrics."""
+        return Path(self.run.working_directory) / self.run.experiment_name
+
+    @property
+    def generated_dir(self) -> Path:
+        """GENERATED_DIRECTORY/EXPERIMENT_NAME: progression grids."""
+        return Path(self.run.generated_directory) / self.run.experiment_name
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One leaf option: where it lives, its type, its default and its help text."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
+@functools.cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """Map each field of a dataclass to the trailing comment on its line (its help text)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    current = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
+            current = tok.string
+        elif tok.type == tokenize.COMMENT and current:
+            comments[current] = tok.string.lstrip("# ").strip()
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            current = None
+    return comments
+
+
+@functools.cache
+def field_specs() -> tuple[FieldSpec, ...]:
+    """Every leaf option of :class:`Config`, in declaration order; names are unique across sections."""
+    specs = []
+    hints_root = typing.get_type_hints(Config)
+    for section in SECTIONS:
+        cls = hints_root[section]
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            specs.append(FieldSpec(section, f.name, hints[f.name], f.default, comments.get(f.name, "")))
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)), "option names must be unique across sections"
+    return tuple(specs)
+
+
+def spec_by_name() -> dict[str, FieldSpec]:
+    return {s.name: s for s in field_specs()}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(tp: Any, raw: Any, key: str) -> Any:
+    """Convert ``raw`` (from YAML or the command line) to the declared type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(inner[0], raw, key)
+    if origin is Literal:
+        value = str(raw)
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, not {raw!r}")
+        return value
+    if origin is tuple:
+        if isinstance(raw, str):
+            items = [p for p in raw.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")]
+            items = [p.strip() for p in items if p.strip()]
+        elif isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            items = [raw]
+        return tuple(parse_value(args[0], item, key) for item in items)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, not {raw!r}")
+    if tp in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} must be a number ({_type_name(tp)}), not {raw!r}")
+        try:
+            if tp is int:
+                value = float(raw) if isinstance(raw, str) and any(c in raw for c in ".eE") else raw
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number ({_type_name(tp)}), not {raw!r}") from None
+    if tp is str:
+        if isinstance(raw, (dict, list)):
+            raise ConfigError(f"{key} must be a string, not {raw!r}")
+        return str(raw)
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this file, not a user error
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with leaf options (by name, e.g. ``batch_size``) replaced and parsed."""
+    specs = spec_by_name()
+    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+    for name, raw in overrides.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise ConfigError(f"unknown option {name!r}")
+        sections[spec.section][name] = parse_value(spec.type, raw, name)
+    new = Config(**{s: type(getattr(cfg, s))(**values) for s, values in sections.items()})
+    validate(new)
+    return new
+
+
+def flatten(data: dict[str, Any] | None, source: str = "config") -> dict[str, Any]:
+    """Check a nested mapping (as in YAML) against the schema and flatten it to leaf names.
+
+    Flat leaf names at the top level are accepted too. Unknown keys are errors that name the key.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    specs = spec_by_name()
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping")
+            for name, raw in value.items():
+                spec = specs.get(name)
+                if spec is None or spec.section != key:
+                    raise ConfigError(f"{source}: unknown key {key}.{name}")
+                flat[name] = raw
+        elif key in specs:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+    return flat
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "config", base: Config | None = None) -> Config:
+    """Build a Config from a nested mapping laid over ``base`` (built-in defaults when None)."""
+    flat = flatten(data, source)
+    try:
+        return apply_overrides(base or Config(), flat)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_yaml(path: str | Path, base: Config | None = None) -> Config:
+    """Read a YAML config file (laid over ``base``), or raise ConfigError with a clear reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(data, source=str(path), base=base)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain-value mapping of ``cfg`` (tuples as lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def resolve(config_file: str | Path | None, overrides: dict[str, Any], base: Config | None = None) -> Config:
+    """``base`` (built-in defaults when None) < YAML file < overrides (only options actually given)."""
+    cfg = load_yaml(config_file, base) if config_file else (base or Config())
+    return apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]) -> Config:
+    """The run's own config.yaml < YAML file < overrides; resumes from 'latest' unless told otherwise."""
+    located = resolve(config_file, overrides)  # only to find WORKING_DIRECTORY/EXPERIMENT_NAME
+    saved = located.run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"no run to resume at {located.run_dir} (it has no config.yaml): check --experiment-name "
+            "and --working-directory"
+        )
+    base = load_yaml(saved)
+    # Where the run lives comes from the command line, even if the folder was moved since.
+    base = apply_overrides(base, {"experiment_name": located.run.experiment_name,
+                                  "working_directory": located.run.working_directory})
+    cfg = resolve(config_file, overrides, base=base)
+    if not cfg.training.resume_from_checkpoint:
+        cfg = apply_overrides(cfg, {"resume_from_checkpoint": "latest"})
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work, with a message that says what to change."""
+    m, d, t, s, lg = cfg.model, cfg.diffusion, cfg.training, cfg.sampling, cfg.logging
+    positive = {
+        "img_size": m.img_size, "starting_channels": m.starting_channels, "num_res_blocks": m.num_res_blocks,
+        "num_heads": m.num_heads, "num_diffusion_timesteps": d.num_diffusion_timesteps,
+        "num_training_steps": t.num_training_steps, "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "evaluation_interval": s.evaluation_interval,
+        "num_generations": s.num_generations, "plot_freq_interval": s.plot_freq_interval,
+        "num_keep_checkpoints": lg.num_keep_checkpoints, "log_interval": lg.log_interval,
+        "max_bad_steps": t.max_bad_steps,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    non_negative = {
+        "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm, "dropout": m.dropout, "ema_decay": t.ema_decay, "eta": s.eta,
+        "bottleneck_blocks": m.bottleneck_blocks, "num_workers": cfg.data.num_workers,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+    if not m.channel_multipliers or min(m.channel_multipliers) < 1:
+        raise ConfigError("channel_multipliers must be a list of positive integers, e.g. 1,2,2,2")
+    factor = 2 ** (len(m.channel_multipliers) - 1)
+    if m.img_size % factor:
+        raise ConfigError(
+            f"img_size {m.img_size} must be divisible by {factor} for {len(m.channel_multipliers)} stages; "
+            "change img_size or channel_multipliers"
+        )
+    if m.dropout >= 1 or t.ema_decay >= 1:
+        raise ConfigError("dropout and ema_decay must be below 1")
+    if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
+        raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
+    if d.beta_schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
+        raise ConfigError("the linear schedule needs 0 < beta_start < beta_end < 1")

@@ -1,0 +1,604 @@
+"""The training loop. It never prints: progress goes out as events to a callback the CLI renders.
+
+One call, :func:`train`, runs a whole run (fresh or resumed) on one process or under torchrun:
+data -> forward process -> network -> loss -> AdamW (cosine schedule with warmup), with EMA, gradient
+accumulation and clipping, a non-finite-step guard, periodic checkpoints and progression grids, and a
+clean stop on Ctrl-C / SIGTERM that saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import get_cosine_schedule_with_warmup
+
+from . import __version__, checkpoints, diffusion, plots
+from .config import Config, dump_yaml, to_dict
+from .data import BatchStream, build_dataset
+from .diffusion import Schedule
+from .errors import CheckpointError, ConfigError, TrainingStopped
+from .runtime import (
+    DistInfo,
+    Precision,
+    barrier,
+    build_model,
+    configure_backends,
+    init_distributed,
+    resolve_precision,
+    select_device,
+)
+from .sampling import progression_grid, sample
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass
+class TrainStarted:
+    total_steps: int
+    start_step: int
+    device: str
+    precision: str
+    world_size: int
+    parameters: int
+    effective_batch: int
+    data: str  # how the data is read
+    run_dir: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    step: int
+    total_steps: int
+    loss: float  # mean over the steps since the last report
+    lr: float
+    images_per_sec: float
+    grad_norm: float
+    elapsed: float  # seconds since this process started training
+    eta: float  # seconds to the last step at the current speed
+    skipped_steps: int
+
+
+@dataclass
+class Evaluating:
+    step: int
+
+
+@dataclass
+class GridSaved:
+    step: int
+    path: str
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: str
+    removed: list[str]
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@dataclass
+class TrainFinished:
+    step: int
+    checkpoint: str | None
+    elapsed: float
+    images_per_sec: float
+    skipped_steps: int
+
+
+Event = TrainStarted | StepStats | Evaluating | GridSaved | CheckpointSaved | Note | TrainFinished
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in fp32 (DDPM paper: decay 0.9999)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """With warm-up, min(decay, (1 + n) / (10 + n)) so the average forgets the random init quickly."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+# ----------------------------------------------------------------------------- interruption
+
+
+class StopFlag:
+    """Set by the first Ctrl-C / SIGTERM; a second Ctrl-C restores the default and stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.requested = True
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def interrupt_handlers(flag: StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.request("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run touches, as tensors and plain values (safe for weights_only loading)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    if "mps" in state and getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def evaluation_noise(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
+    """Fixed x_T and sampler generator, so grids from different steps are comparable."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed + 1_000_003)
+    size = cfg.model.img_size
+    noise = torch.randn((cfg.sampling.num_generations, 3, size, size), generator=gen)
+    step_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 2_000_003)
+    return noise.to(device), step_gen
+
+
+def save_grid(image: torch.Tensor, path: Path) -> None:
+    """Write a (3, H, W) [0, 1] image as PNG atomically."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_config_differs(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Model/diffusion options that differ between a checkpoint and the current config."""
+    current = to_dict(cfg)
+    diffs = []
+    for section in ("model", "diffusion"):
+        for key, value in saved.get(section, {}).items():
+            if key in ("loss_fn",):
+                continue
+            if current[section].get(key) != value:
+                diffs.append(f"{key} (checkpoint {value}, now {current[section].get(key)})")
+    return diffs
+
+
+def _wandb_module(cfg: Config) -> Any:
+    if not cfg.logging.use_wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--use-wandb needs Weights & Biases: pip install 'ddpmctl[wandb]'") from None
+    return wandb
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: str | None
+    run_dir: str
+
+
+def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: StopFlag | None = None) -> TrainResult:
+    """Train (or resume, when ``cfg.training.resume_from_checkpoint`` is set) and return where it ended."""
+    emit = on_event or (lambda _e: None)
+    stop = stop or StopFlag()
+    dist_info = init_distributed(cfg.run.device)
+    try:
+        with interrupt_handlers(stop):
+            return _Trainer(cfg, dist_info, emit, stop).run()
+    finally:
+        if dist_info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo, emit: Callable[[Event], None], stop: StopFlag):
+        self.cfg, self.dist, self.stop = cfg, dist_info, stop
+        self.emit = emit if dist_info.is_main else (lambda _e: None)  # other ranks stay quiet
+        self.run_dir = cfg.run_dir
+        self.wandb = _wandb_module(cfg)
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def _resume_point(self) -> tuple[Path | None, list[str]]:
+        which = self.cfg.training.resume_from_checkpoint
+        if not which:
+            existing = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
+            if existing:
+                raise ConfigError(
+                    f"{self.run_dir} already holds {existing[-1].name}; continue it with 'ddpmctl resume "
+                    f"--experiment-name {self.cfg.run.experiment_name} --working-directory "
+                    f"{self.cfg.run.working_directory}' or pick a new --experiment-name"
+                )
+            return None, []
+        return checkpoints.resolve_checkpoint(self.run_dir, which)
+
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        resume_path, notes = self._resume_point()
+        self.notes = notes
+        self.device = select_device(cfg.run.device, self.dist.local_rank)
+        configure_backends(self.device)
+        self.precision: Precision = resolve_precision(t.precision, self.device)
+        if self.precision.note:
+            self.notes.append(self.precision.note)
+        dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
+
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+        model = build_model(cfg).to(self.device)
+        self.channels_last = t.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None
+        )
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, t.warmup_steps, t.num_training_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.schedule = Schedule(cfg.diffusion, self.device)
+
+        self.stream = BatchStream(
+            dataset, t.batch_size, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.run.seed,
+        )
+        self.step = 0
+        self.skipped_total = 0
+        if resume_path is not None:
+            self._load(resume_path)
+        else:
+            torch.manual_seed(cfg.run.seed + 7919 * self.dist.rank)  # per-rank noise and timesteps
+        self.resumed_from = resume_path
+
+        self.train_model: nn.Module = self.model
+        if t.compile:
+            self.train_model = torch.compile(self.model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    def _load(self, path: Path) -> None:
+        meta = checkpoints.read_meta(path)
+        diffs = model_config_differs(meta.get("config", {}), self.cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{path.name} was trained with different model settings: {'; '.join(diffs)}. "
+                "Resume with the run's own settings ('ddpmctl resume' reads them from config.yaml)"
+            )
+        self.model.load_state_dict(checkpoints.load_weights(path))
+        state = checkpoints.load_training_state(path)
+        if self.ema is not None:
+            if (path / checkpoints.EMA).is_file():
+                self.ema.model.load_state_dict(checkpoints.load_weights(path, checkpoints.EMA))
+                self.ema.num_updates = int(state.get("ema_updates", 0))
+            else:
+                self.ema.model.load_state_dict(self.model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        sched_state = dict(state["scheduler"])
+        self.scheduler.load_state_dict(sched_state)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(meta["step"])
+        self.skipped_total = int(state.get("skipped_steps", 0))
+        data_state = meta.get("data_state", {})
+        if self.dist.world_size == int(data_state.get("world_size", 1)) and "ranks" in data_state:
+            self.stream.load_state_dict(data_state["ranks"][self.dist.rank])
+        elif "ranks" in data_state:
+            # A different number of processes: continue from the next epoch (no sample is replayed twice
+            # within an epoch, but the partial epoch is cut short).
+            self.stream.load_state_dict({"epoch": data_state["ranks"][0]["epoch"] + 1, "position": 0})
+            self.notes.append(f"world size changed from {data_state.get('world_size')} to "
+                              f"{self.dist.world_size}: data order restarts at the next epoch")
+        rng = state.get("rng_per_rank", [state.get("rng")])
+        if rng and rng[0] is not None:
+            set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+            if self.dist.rank >= len(rng):
+                torch.manual_seed(self.cfg.run.seed + 7919 * self.dist.rank + self.step)
+
+    # -- checkpoint & evaluation -------------------------------------------------------------------
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.dist.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save(self, last_loss: float | None) -> Path | None:
+        """All ranks gather their RNG/data state; rank 0 writes; everyone waits for the write."""
+        rngs = self._gather(rng_state())
+        data_states = self._gather(self.stream.state_dict())
+        path = None
+        if self.dist.is_main:
+            training_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "rng_per_rank": rngs,
+                "ema_updates": self.ema.num_updates if self.ema else 0,
+                "skipped_steps": self.skipped_total,
+            }
+            meta = {
+                "ddpmctl_version": __version__,
+                "torch_version": torch.__version__,
+                "config": to_dict(self.cfg),
+                "data_state": {"world_size": self.dist.world_size, "ranks": data_states},
+                "loss": last_loss,
+                "ema": self.ema is not None,
+            }
+            path = checkpoints.save_checkpoint(
+                self.run_dir, self.step, self.model.state_dict(), training_state, meta,
+                ema_state=self.ema.state_dict() if self.ema else None,
+            )
+            removed = checkpoints.rotate(self.run_dir, self.cfg.logging.num_keep_checkpoints, protect=path)
+            self.emit(CheckpointSaved(self.step, str(path), [str(p) for p in removed]))
+        barrier(self.dist)
+        return path
+
+    def evaluate(self) -> None:
+        """Write step_<N>.png from fixed noise with the EMA weights (rank 0 only)."""
+        if not self.dist.is_main:
+            return
+        self.emit(Evaluating(self.step))
+        s = self.cfg.sampling
+        net = self.ema.model if self.ema else self.model
+        was_training = net.training
+        net.eval()
+        noise, gen = evaluation_noise(self.cfg, self.device)
+        result = sample(
+            net, self.schedule, noise, sampler=s.sampler, steps=s.sampling_steps, eta=s.eta, generator=gen,
+            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast_factory(),
+        )
+        net.train(was_training)
+        path = self.cfg.generated_dir / f"step_{self.step}.png"
+        save_grid(progression_grid(result, s.show_x0), path)
+        self.emit(GridSaved(self.step, str(path)))
+        plots.loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        if self.wandb is not None:
+            self.wandb.log({"grid": self.wandb.Image(str(path))}, step=self.step)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def _micro_batch(self, accumulating: bool) -> torch.Tensor:
+        cfg = self.cfg
+        batch = next(self.stream).to(self.device, non_blocking=True)
+        x0 = batch.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+        if cfg.data.random_flip:
+            flip = torch.rand(x0.shape[0], device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = diffusion.q_sample(self.schedule, x0, t, noise)
+        target = diffusion.training_target(self.schedule, x0, t, noise)
+        sync = contextlib.nullcontext()
+        if accumulating and isinstance(self.train_model, DistributedDataParallel):
+            sync = self.train_model.no_sync()  # all-reduce gradients only on the last micro-batch
+        with sync:
+            with self.precision.autocast():
+                pred = self.train_model(x_t, t)
+            loss = diffusion.loss_fn(pred, target, cfg.diffusion.loss_fn)
+            self.scaler.scale(loss / cfg.training.gradient_accumulation_steps).backward()
+        return loss.detach()
+
+    def _stop_requested(self) -> bool:
+        if not self.dist.enabled:
+            return self.stop.requested
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg, t = self.cfg, self.cfg.training
+        accum = t.gradient_accumulation_steps
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.clean_stale_temporaries(self.run_dir)
+            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.emit(TrainStarted(
+            total_steps=t.num_training_steps, start_step=self.step, device=str(self.device),
+            precision=self.precision.name, world_size=self.dist.world_size,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            effective_batch=t.batch_size * accum * self.dist.world_size, data=self.data_desc,
+            run_dir=str(self.run_dir), notes=self.notes,
+        ))
+        if self.wandb is not None and self.dist.is_main:
+            self.wandb.init(project=cfg.logging.wandb_project, name=cfg.run.experiment_name, config=to_dict(cfg),
+                            dir=str(self.run_dir), resume="allow")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+        self.train_model.train()
+        start_time = time.perf_counter()
+        window_start, window_images, window_steps = start_time, 0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        last_loss: float | None = None
+        bad_in_row = 0
+        images_done = 0
+        last_saved: Path | None = None
+        saved_step = -1
+        try:
+            while self.step < t.num_training_steps:
+                losses = [self._micro_batch(accumulating=i < accum - 1) for i in range(accum)]
+                step_loss = torch.stack(losses).mean()
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                # One read-back per step: skip the update if the loss or any gradient is not finite.
+                check = step_loss if self.precision.use_scaler else step_loss + grad_norm
+                if not bool(torch.isfinite(check)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.update()
+                    bad_in_row += 1
+                    self.skipped_total += 1
+                    self.emit(Note(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                                   f"({bad_in_row} in a row)"))
+                    if bad_in_row >= t.max_bad_steps:
+                        good = checkpoints.list_checkpoints(self.run_dir)
+                        good = [c for c in good if c.complete]
+                        raise TrainingStopped(
+                            f"training diverged: {bad_in_row} non-finite steps in a row at step {self.step}; "
+                            "lower --learning-rate or --max-grad-norm"
+                            + (f"; last good checkpoint: {good[-1].path}" if good else ""),
+                            checkpoint=str(good[-1].path) if good else None,
+                        )
+                    continue
+                bad_in_row = 0
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                self.step += 1
+                loss_sum += step_loss
+                n_images = t.batch_size * accum * self.dist.world_size
+                window_images += n_images
+                images_done += n_images
+                window_steps += 1
+
+                if self.step % cfg.logging.log_interval == 0 or self.step == t.num_training_steps:
+                    if self.dist.enabled:
+                        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                        loss_sum /= self.dist.world_size
+                    last_loss = float(loss_sum) / window_steps
+                    now = time.perf_counter()
+                    speed = window_images / max(now - window_start, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    stats = StepStats(
+                        self.step, t.num_training_steps, last_loss, lr, speed, float(grad_norm), now - start_time,
+                        (t.num_training_steps - self.step) * n_images / max(speed, 1e-9), self.skipped_total,
+                    )
+                    self.emit(stats)
+                    if self.dist.is_main:
+                        with open(metrics_path, "a") as fh:
+                            fh.write(json.dumps({
+                                "step": self.step, "loss": last_loss, "lr": lr, "images_per_sec": speed,
+                                "grad_norm": stats.grad_norm, "time": time.time(),
+                            }) + "\n")
+                        if self.wandb is not None:
+                            self.wandb.log({"loss": last_loss, "lr": lr, "images_per_sec": speed,
+                                            "grad_norm": stats.grad_norm}, step=self.step)
+                    loss_sum.zero_()
+                    window_start, window_images, window_steps = now, 0, 0
+
+                if self.step % cfg.sampling.evaluation_interval == 0 or self.step == t.num_training_steps:
+                    last_saved, saved_step = self.save(last_loss), self.step
+                    self.evaluate()
+                if self._stop_requested():
+                    break
+        finally:
+            self.stream.close()
+        elapsed = time.perf_counter() - start_time
+        if self.step < t.num_training_steps:  # stopped by a signal
+            if saved_step != self.step:
+                last_saved = self.save(last_loss)
+            if self.wandb is not None and self.dist.is_main:
+                self.wandb.finish()
+            raise TrainingStopped(
+                f"interrupted ({self.stop.reason}) at step {self.step}; saved {last_saved}", str(last_saved), 130
+            )
+        if self.wandb is not None and self.dist.is_main:
+            self.wandb.finish()
+        self.emit(TrainFinished(self.step, str(last_saved) if last_saved else None, elapsed,
+                                images_done / max(elapsed, 1e-9), self.skipped_total))
+        return TrainResult(self.step, str(last_saved) if last_saved else None, str(self.run_dir))

@@ -1,0 +1,184 @@
+"""The UNet noise-prediction network (Ho et al. 2020, Appendix B), holding only the network.
+
+Encoder: a 3 -> C convolution, then one stage per channel multiplier, each with ``num_res_blocks``
+residual blocks (self-attention after each block at the chosen resolutions) and a 2x downsampling
+between stages. Bottleneck: residual blocks with attention between them. Decoder: the mirror image with
+one more block per stage, each block taking the matching encoder activation as a skip connection, and
+2x upsampling between stages. Output: GroupNorm, SiLU, a C -> 3 convolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where the width allows (fewer for narrow demo models)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-dropout-conv, plus skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over H, W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            num_heads = math.gcd(channels, num_heads)
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, head_dim)
+        if x.device.type == "mps":
+            # MPS: scaled_dot_product_attention has been unreliable there, so spell it out.
+            weights = torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest neighbour), then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.Module):
+    """A residual block, optionally followed by self-attention."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, attn: bool, heads: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, temb_dim, dropout)
+        self.attn = Attention(out_ch, heads) if attn else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, temb)
+        return self.attn(x) if self.attn is not None else x
+
+
+def attention_resolutions(cfg: ModelConfig) -> tuple[int, ...]:
+    """Resolutions that get self-attention; by default every resolution below img_size (after each downsampling)."""
+    if cfg.attention_resolutions is not None:
+        return tuple(cfg.attention_resolutions)
+    return tuple(cfg.img_size // 2**i for i in range(1, len(cfg.channel_multipliers)))
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) in x_t given t: (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        ch = cfg.starting_channels
+        temb_dim = 4 * ch
+        attn_at = set(attention_resolutions(cfg))
+        block = lambda i, o, res: Block(i, o, temb_dim, cfg.dropout, res in attn_at, cfg.num_heads)  # noqa: E731
+
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.stem = nn.Conv2d(3, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips = [ch]  # channels of every activation the decoder will concatenate
+        cur, res = ch, cfg.img_size
+        for level, mult in enumerate(cfg.channel_multipliers):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(cur, ch * mult, res))
+                cur = ch * mult
+                skips.append(cur)
+            if level != len(cfg.channel_multipliers) - 1:
+                self.down.append(Downsample(cur))
+                res //= 2
+                skips.append(cur)
+
+        self.mid = nn.ModuleList(
+            Block(cur, cur, temb_dim, cfg.dropout, i < cfg.bottleneck_blocks - 1, cfg.num_heads)
+            for i in range(cfg.bottleneck_blocks)
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(cur + skips.pop(), ch * mult, res))
+                cur = ch * mult
+            if level != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.config.starting_channels)).to(x.dtype)
+        h = self.stem(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, temb) if isinstance(layer, Block) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, temb)
+        for layer in self.up:
+            if isinstance(layer, Block):
+                h = layer(torch.cat([h, hs.pop()], dim=1), temb)
+            else:
+                h = layer(h)
+        return self.out(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

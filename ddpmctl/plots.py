@@ -1,0 +1,51 @@
+"""Plots written into the run folder (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl file; a torn last line (a killed run) is ignored."""
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Plot loss (log scale) and learning rate against step; returns the PNG path, or None without data."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", linewidth=1, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(r["loss"] > 0 for r in rows):
+        ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", linewidth=1, alpha=0.7, label="learning rate")
+    ax2.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,141 @@
+"""Where and how to run: device choice, precision, distributed setup, and the models built from a config."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .errors import ConfigError
+from .model import UNet
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: CUDA, then MPS, then CPU. Asking for a backend that is not there is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
+        return torch.device("cuda", local_rank)
+    if name == "mps":
+        if not mps_available():
+            raise ConfigError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"unknown device {name!r}: use auto, cuda, mps or cpu")
+
+
+def mps_supports_bf16() -> bool:
+    """bf16 autocast on MPS needs macOS 14+ and a recent torch; probe it rather than guess."""
+    try:
+        with torch.autocast("mps", dtype=torch.bfloat16):
+            (torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")).cpu()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not supported here"
+        return False
+
+
+@dataclass
+class Precision:
+    """The resolved precision: autocast dtype (None for fp32) and whether a grad scaler is needed."""
+
+    name: str  # fp32, bf16 or fp16
+    dtype: torch.dtype | None
+    device_type: str
+    note: str | None = None  # a one-line explanation when the request had to change
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def autocast_factory(self) -> Callable[[], contextlib.AbstractContextManager]:
+        return self.autocast
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """auto: bf16 on CUDA GPUs that support it, fp32 elsewhere; fall back with a note where unsupported."""
+    kind = device.type
+    if requested == "auto":
+        if kind == "cuda" and torch.cuda.is_bf16_supported():
+            return Precision("bf16", torch.bfloat16, kind)
+        return Precision("fp32", None, kind)
+    if requested == "fp32":
+        return Precision("fp32", None, kind)
+    if kind == "cpu":
+        return Precision("fp32", None, kind, note=f"{requested} autocast is not used on the CPU; training in fp32")
+    if kind == "mps":
+        if requested == "bf16" and not mps_supports_bf16():
+            return Precision("fp32", None, kind, note="this torch/macOS cannot autocast bf16 on MPS; training in fp32")
+        if requested == "fp16":
+            return Precision("fp16", torch.float16, kind)
+        return Precision("bf16", torch.bfloat16, kind)
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        return Precision("fp16", torch.float16, kind, note="this GPU has no bf16; using fp16 with a grad scaler")
+    return Precision(requested, torch.bfloat16 if requested == "bf16" else torch.float16, kind)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group torchrun set up (env:// rendezvous): NCCL on CUDA, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    if world <= 1 or dist.is_initialized():
+        return info
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    # A long timeout: rank 0 may spend a while writing a checkpoint while the others wait at a barrier.
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def build_model(cfg: Config) -> UNet:
+    return UNet(cfg.model)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast defaults: TF32 matmuls/convolutions and cuDNN autotuning on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
