@@ -1,4 +1,5 @@
-"""Training data: image-folder dataset, a resumable (and distributed) sampler, loaders, built-in demo data.
+"""Training data: datasets (raw image folder, prepared folder, packed array), a resumable (and distributed)
+sampler, loaders, built-in demo data.
 
 Datasets return uint8 (3, H, W) tensors; conversion to float, scaling to [-1, 1] and the random flip
 happen on the training device, so workers only decode and the host-to-device copy is 4x smaller.
@@ -7,7 +8,6 @@ happen on the training device, so workers only decode and the host-to-device cop
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,37 +18,33 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .errors import DataError
+from .prepare import (
+    IMAGE_EXTENSIONS,
+    PACK_FILE,
+    find_images,
+    load_square,
+    open_image,
+    pack_digest,
+    prepared_files,
+    read_manifest,
+    square,
+    to_rgb,
+)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, any extension case), sorted for a stable order."""
-    root = Path(root)
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(Path(dirpath) / name)
-    return sorted(files)
+# Scanning (find_images, IMAGE_EXTENSIONS) and conversion live in prepare.py, shared with `ddpmctl prepare`.
 
 
 def load_rgb(path: Path) -> Image.Image:
     """Open an image the right way up as RGB (first frame of animations; transparency onto white)."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
-        return im.convert("RGB")
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im), (255, 255, 255))
 
 
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to ``size`` with antialiasing, then cut the centre square."""
-    return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return square(im, size, "center")
 
 
 def pil_to_uint8(im: Image.Image) -> torch.Tensor:
@@ -72,31 +68,129 @@ class ImageFolderDataset(Dataset):
         for attempt in range(min(len(self.files), 16)):
             path = self.files[(idx + attempt) % len(self.files)]
             try:
-                im = load_rgb(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                # Same conversion as `ddpmctl prepare` (EXIF, 16-bit, alpha), with the reduced JPEG decode.
+                return pil_to_uint8(load_square(path, self.img_size, "center"))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
-                continue
-            if im.size != (self.img_size, self.img_size):
-                im = resize_center_crop(im, self.img_size)
-            return pil_to_uint8(im)
         raise DataError(f"no readable image near {self.files[idx]}; run 'ddpmctl prepare' to find the broken files")
 
 
+class PreparedDataset(Dataset):
+    """The PNGs of a prepared folder (already img_size x img_size RGB): decode only, no resize."""
+
+    def __init__(self, files: list[Path], img_size: int):
+        self.files = files
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        with Image.open(self.files[idx]) as im:
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            a = np.asarray(im)
+        if a.shape != (self.img_size, self.img_size, 3):
+            raise DataError(f"{self.files[idx]} is {a.shape[1]}x{a.shape[0]}, not {self.img_size}x{self.img_size}: "
+                            "the prepared folder was changed by hand; run 'ddpmctl prepare' again")
+        return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+class PackedDataset(Dataset):
+    """A packed uint8 (count, 3, S, S) .npy array, memory-mapped: no decoding at all during training.
+
+    ``__getitems__`` (used by DataLoader for a whole batch) reads the batch with one fancy-indexing
+    gather from the page cache instead of one Python call per image.
+    """
+
+    def __init__(self, path: str | Path, img_size: int):
+        self.path = Path(path)
+        self.img_size = img_size
+        self._array: np.ndarray | None = None
+        shape = self.array.shape
+        if self.array.dtype != np.uint8 or len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
+            raise DataError(f"{self.path} is not a packed image array (want uint8 (count, 3, S, S), found "
+                            f"{self.array.dtype} {shape}): pack it with 'ddpmctl prepare --pack'")
+        if shape[2] != img_size:
+            raise DataError(f"{self.path} holds {shape[2]}px images but --img-size is {img_size}: train with "
+                            f"--img-size {shape[2]}, or prepare a {img_size}px set with 'ddpmctl prepare --size {img_size}'")
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:  # opened lazily, so each DataLoader worker maps the file itself
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}  # never pickle the mapped data into workers
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[idx]))
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        batch = torch.from_numpy(self.array[np.asarray(indices, dtype=np.int64)])  # (B, 3, S, S), one gather
+        return list(batch.unbind(0))  # default_collate stacks them back with one copy
+
+
+def _prepared_dataset(root: Path, manifest: dict, img_size: int) -> tuple[Dataset, str]:
+    size = manifest["size"]
+    if size != img_size:
+        raise DataError(
+            f"{root} was prepared at {size}px but --img-size is {img_size}: train with --img-size {size}, "
+            f"or run 'ddpmctl prepare SRC NEW_DST --size {img_size}'"
+        )
+    files = prepared_files(root, manifest)
+    if not files:
+        raise DataError(f"the prepared folder {root} holds no images: run 'ddpmctl prepare' on a folder with images")
+    pack = manifest.get("pack") or {}
+    pack_path = root / pack.get("file", PACK_FILE)
+    if pack and pack_path.is_file():
+        if pack.get("digest") == pack_digest(manifest) and pack.get("count") == len(files):
+            dataset = PackedDataset(pack_path, img_size)
+            if len(dataset) == len(files):
+                return dataset, f"{len(dataset)} images from {pack_path} ({img_size}px, packed, memory-mapped)"
+        stale = f"; {pack_path.name} is out of date, rerun 'ddpmctl prepare --pack' to refresh it"
+    else:
+        stale = "; 'ddpmctl prepare --pack' would skip decoding altogether"
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} prepared image(s) are missing from {root} (e.g. {missing[0]}): "
+                        "run 'ddpmctl prepare' again to restore them")
+    return PreparedDataset(files, img_size), f"{len(files)} prepared {img_size}px images from {root}{stale}"
+
+
 def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]:
-    """The training dataset for ``path`` and a one-line description of how it is read."""
+    """The training dataset for ``path`` and a one-line description of how it is read.
+
+    ``path`` may be a folder prepared by ``ddpmctl prepare`` (its manifest is checked against
+    ``img_size``; a packed array is memory-mapped), a packed ``.npy`` file, or any folder of images
+    (decoded and resized on the fly; the description then carries a hint to run ``prepare``).
+    """
     if not path:
         raise DataError("no training data given: pass --path-to-data DIR (a folder of images)")
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist: pass --path-to-data with a folder of images")
+    if root.is_file() and root.suffix.lower() == ".npy":
+        dataset = PackedDataset(root, img_size)
+        if len(dataset) == 0:
+            raise DataError(f"{root} holds no images")
+        return dataset, f"{len(dataset)} images from {root} ({img_size}px, packed, memory-mapped)"
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass --path-to-data with a folder of images")
+    manifest = read_manifest(root)
+    if manifest is not None:
+        return _prepared_dataset(root, manifest, img_size)
     dataset = ImageFolderDataset(root, img_size)
     if len(dataset) == 0:
         raise DataError(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
         )
-    return dataset, f"{len(dataset)} images from {root}, resized to {img_size}px on the fly"
+    return dataset, (f"{len(dataset)} images from {root}, resized to {img_size}px on the fly (hint: "
+                     f"'ddpmctl prepare {root} DST --size {img_size} --pack' checks them once and makes loading much faster)")
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,0 +1,509 @@
+"""Turn any folder of images into a verified training set: RGB, N x N PNGs, a manifest, a report, an optional packed array.
+
+Layout of a prepared folder DST::
+
+    DST/manifest.json    # settings, and per source: output file, size, mtime, SHA-256 of source and output
+    DST/report.txt       # what was skipped and why, which images were smaller than N
+    DST/images/...       # one N x N RGB PNG per usable source, mirroring SRC's sub-folders
+    DST/packed.npy       # with pack=True: every image in one uint8 (count, 3, N, N) array, memory-mapped by training
+
+The library never prints: progress goes through a callback, the result is a dataclass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MANIFEST = "manifest.json"
+REPORT = "report.txt"
+IMAGES_DIR = "images"
+PACK_FILE = "packed.npy"
+FORMAT = "ddpmctl-prepared"
+VERSION = 1
+CROPS = ("center", "pad")
+SMALL_POLICIES = ("upscale", "skip")
+# JPEGs are decoded at a reduced DCT scale that stays at least this many times the target size, then
+# Lanczos-resized: the same trade as Pillow's thumbnail(), invisible in quality and several times faster.
+DRAFT_GAP = 2.0
+
+ProgressFn = Callable[[str, int, int], None]  # (phase: "scan" | "convert" | "pack", done, total; total 0 = unknown)
+
+
+def find_images(root: str | Path, exclude: Path | None = None) -> list[Path]:
+    """Every image file under ``root`` (recursive, any extension case, hidden entries skipped), sorted."""
+    root = Path(root)
+    exclude = exclude.resolve() if exclude is not None else None
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (exclude is None or (Path(dirpath) / d).resolve() != exclude))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath) / name)
+    return sorted(files)
+
+
+# ----------------------------------------------------------------------------- conversion of one image
+
+
+def parse_color(value: str) -> tuple[int, int, int]:
+    """'white', '#808080' or '128,128,128' -> an RGB triple (DataError if not a colour)."""
+    try:
+        if "," in value:
+            rgb = tuple(int(v) for v in value.split(","))
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError(value)
+            return rgb  # type: ignore[return-value]
+        return ImageColor.getrgb(value)[:3]  # type: ignore[return-value]
+    except ValueError:
+        raise DataError(f"--background {value!r} is not a colour: use a name (white), #rrggbb or r,g,b") from None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth modes (16-bit, 32-bit int, float) -> L with the tones scaled, not clipped to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float32)
+        # "I;16" is 16-bit by definition; "I" (32-bit) holds 16-bit data when it comes from a 16-bit file.
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = a * (255.0 / top)
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float32)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # float images are 0..1 or 0..255
+    else:
+        return im
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any mode -> RGB; transparent pixels are composited onto ``background`` (not turned black)."""
+    im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info) \
+            or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+        base = Image.new("RGBA", im.size, (*background, 255))
+        return Image.alpha_composite(base, im).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # L, P, 1, CMYK (Pillow undoes Adobe inversion), YCbCr
+
+
+def _target(w: int, h: int, size: int, crop: str) -> tuple[int, int]:
+    """Scaled size before the crop (center: shorter side = size) or before the pad (pad: longer side = size)."""
+    scale = size / (min(w, h) if crop == "center" else max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def square(im: Image.Image, size: int, crop: str = "center", background: tuple[int, int, int] = (255, 255, 255)
+           ) -> Image.Image:
+    """An RGB image -> exactly size x size: scale (antialiased Lanczos), then cut the centre or pad the sides."""
+    tw, th = _target(im.width, im.height, size, crop)
+    if (tw, th) != im.size:
+        im = im.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if crop == "center":
+        left, top = (tw - size) // 2, (th - size) // 2
+        return im.crop((left, top, left + size, top + size)) if (tw, th) != (size, size) else im
+    canvas = Image.new("RGB", (size, size), background)
+    canvas.paste(im, ((size - tw) // 2, (size - th) // 2))
+    return canvas
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open lazily; Pillow's decompression-bomb limit is enforced (over it is an error, not a warning)."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(fp)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
+
+
+def is_small(w: int, h: int, size: int, crop: str) -> bool:
+    """True if the image must be enlarged to fill size x size under ``crop``."""
+    return (min(w, h) if crop == "center" else max(w, h)) < size
+
+
+def load_square(source: str | Path | bytes | Image.Image, size: int, crop: str = "center",
+                background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode a file the right way up (EXIF orientation, first frame) into an RGB size x size image."""
+    im = source if isinstance(source, Image.Image) else open_image(source)
+    try:
+        if im.format in ("JPEG", "MPO"):  # MPO: the JPEG variant many phones write
+            # Request a reduced DCT decode that keeps DRAFT_GAP x the target size (orientation-independent:
+            # the request is proportional to the stored width and height).
+            tw, th = _target(im.width, im.height, size, crop)
+            if tw * DRAFT_GAP < im.width:
+                im.draft(None, (int(tw * DRAFT_GAP), int(th * DRAFT_GAP)))
+        im.load()  # full decode: truncated data is an error here (LOAD_TRUNCATED_IMAGES stays False)
+        oriented = ImageOps.exif_transpose(im)
+        return square(to_rgb(oriented, background), size, crop, background)
+    finally:
+        if im is not source:
+            im.close()
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for the report, for an exception raised while reading an image."""
+    text = str(exc).strip()
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb refused: {text}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read (unknown format or damaged header)"
+    if isinstance(exc, OSError) and exc.errno is not None:  # permission denied, broken link, I/O error
+        return f"unreadable: {exc.strerror or text}"
+    if isinstance(exc, OSError) and "truncated" in text:
+        return f"truncated file: {text}"
+    if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+        return f"damaged or unsupported image: {text or type(exc).__name__}"
+    return f"{type(exc).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a prepared set depends on; a rerun with different settings into the same DST is refused."""
+
+    size: int
+    crop: str = "center"  # center: fill the square, cut the overflow; pad: keep the whole image, pad the sides
+    small: str = "upscale"  # images smaller than size: upscale them, or skip them
+    background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels, and the padding colour
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _process(job: tuple[str, str, str | None, Settings]) -> dict[str, Any]:
+    """Convert one source into its output PNG (atomic write). Runs in a worker process; never raises."""
+    src, out, known_sha, s = job
+    result: dict[str, Any] = {"status": "rejected"}
+    try:
+        st = os.stat(src)
+        result.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+        if st.st_size == 0:
+            return {**result, "reason": "empty file (0 bytes)"}
+        with open(src, "rb") as f:
+            data = f.read()
+        sha = _sha256(data)
+        result["sha256"] = sha
+        if known_sha == sha and os.path.exists(out):
+            return {**result, "status": "unchanged"}  # touched, not changed: keep the output
+        im = open_image(data)
+        w, h = im.size
+        result.update(width=w, height=h, small=is_small(w, h, s.size, s.crop))
+        if result["small"] and s.small == "skip":
+            im.close()
+            return {**result, "status": "small_skipped"}
+        rgb = load_square(im, s.size, s.crop, s.background)
+        buf = io.BytesIO()
+        rgb.save(buf, format="PNG")
+        png = buf.getvalue()
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(png)
+        os.replace(tmp, out)
+        return {**result, "status": "ok", "out_sha256": _sha256(png)}
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run; the reason goes in the report
+        return {**result, "status": "rejected", "reason": describe_error(exc)}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(dst: str | Path) -> dict[str, Any] | None:
+    """The manifest of a prepared folder, or None if ``dst`` holds none (DataError if it is damaged)."""
+    path = Path(dst) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is damaged ({exc}): delete it and run 'ddpmctl prepare' again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("images"), dict):
+        raise DataError(f"{path} is not a ddpmctl manifest: delete it or use another folder")
+    return manifest
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def pack_digest(manifest: dict[str, Any]) -> str:
+    """Fingerprint of the ordered outputs: a packed array is fresh only while this matches."""
+    h = hashlib.sha256(str(manifest["size"]).encode())
+    for rel in sorted(manifest["images"]):
+        h.update(manifest["images"][rel]["out_sha256"].encode())
+    return h.hexdigest()
+
+
+def prepared_files(dst: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """The output PNGs of a prepared folder in manifest (sorted source) order: the order of the packed array."""
+    dst = Path(dst)
+    return [dst / manifest["images"][rel]["file"] for rel in sorted(manifest["images"])]
+
+
+def _output_name(rel: str, taken: set[str]) -> str:
+    """images/<rel path>.png; if that name is taken (a.jpg beside a.png) keep the source extension too."""
+    stem = Path(rel).with_suffix("").as_posix()
+    for candidate in (f"{IMAGES_DIR}/{stem}.png", f"{IMAGES_DIR}/{rel}.png"):
+        if candidate.lower() not in taken:  # lower(): stay unique on case-insensitive file systems
+            return candidate
+    i = 2
+    while f"{IMAGES_DIR}/{stem}_{i}.png".lower() in taken:
+        i += 1
+    return f"{IMAGES_DIR}/{stem}_{i}.png"
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class PrepareResult:
+    """What a prepare run did; ``count`` is the size of the training set now in ``dst``."""
+
+    dst: Path
+    settings: Settings
+    count: int = 0  # images in the prepared set
+    converted: int = 0  # new or changed sources converted in this run
+    unchanged: int = 0  # sources already prepared and unchanged
+    removed: int = 0  # outputs deleted because their source is gone
+    small: list[str] = field(default_factory=list)  # sources smaller than size (upscaled or skipped, see settings.small)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of files that could not be used
+    pack: Path | None = None  # the packed array, if there is one
+    pack_written: bool = False  # True if this run (re)wrote it
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+def _check_settings(manifest: dict[str, Any], s: Settings, dst: Path) -> None:
+    if manifest["size"] != s.size:
+        raise DataError(
+            f"{dst} already holds images prepared at {manifest['size']}px, not {s.size}px: pass --size "
+            f"{manifest['size']} to update it, or prepare {s.size}px images into another folder"
+        )
+    for key, flag in (("crop", "--crop"), ("small", "--small")):
+        if manifest.get(key) != getattr(s, key):
+            raise DataError(f"{dst} was prepared with {flag} {manifest.get(key)}, not {getattr(s, key)}: pass "
+                            f"{flag} {manifest.get(key)}, or use another folder")
+    if tuple(manifest.get("background", ())) != s.background:
+        raise DataError(f"{dst} was prepared with --background {','.join(map(str, manifest['background']))}: "
+                        "pass the same colour, or use another folder")
+
+
+def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center", small: str = "upscale",
+            background: tuple[int, int, int] = (255, 255, 255), workers: int | None = None, pack: bool | None = None,
+            on_progress: ProgressFn | None = None) -> PrepareResult:
+    """Convert every image under ``src`` into ``dst`` (only new or changed ones on a rerun); see the module doc.
+
+    ``pack``: True writes the packed array, False removes it, None keeps one up to date if it exists.
+    Raises DataError for a missing ``src``, changed settings, or when no usable image was found.
+    """
+    started = time.perf_counter()
+    progress = on_progress or (lambda phase, done, total: None)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if crop not in CROPS:
+        raise DataError(f"--crop must be one of {', '.join(CROPS)}, not {crop!r}")
+    if small not in SMALL_POLICIES:
+        raise DataError(f"--small must be one of {', '.join(SMALL_POLICIES)}, not {small!r}")
+    if size < 1:
+        raise DataError(f"--size must be a positive number of pixels, not {size}")
+    if not src.exists():
+        raise DataError(f"source folder {src} does not exist: pass the folder that holds your images")
+    if not src.is_dir():
+        raise DataError(f"{src} is not a folder: pass the folder that holds your images")
+    if dst.exists() and not dst.is_dir():
+        raise DataError(f"{dst} is a file: pass a folder (it is created if missing)")
+    if dst.resolve() == src.resolve():
+        raise DataError("SRC and DST are the same folder: prepare into a new folder")
+    settings = Settings(size, crop, small, tuple(background))  # type: ignore[arg-type]
+    old = read_manifest(dst)
+    if old is not None:
+        _check_settings(old, settings, dst)
+    old_images: dict[str, dict[str, Any]] = dict(old["images"]) if old else {}
+
+    progress("scan", 0, 0)
+    sources = find_images(src, exclude=dst)
+    rels = [p.relative_to(src).as_posix() for p in sources]
+    progress("scan", len(sources), len(sources))
+    result = PrepareResult(dst=dst, settings=settings)
+
+    # Sources whose size and mtime are unchanged, and whose output still exists, need no work at all;
+    # the others are hashed by the workers, which skip the decode if the content turns out unchanged.
+    images: dict[str, dict[str, Any]] = {}
+    jobs: list[tuple[str, str, str | None, Settings]] = []
+    job_rels: list[str] = []
+    taken = {e["file"].lower() for e in old_images.values()}
+    for path, rel in zip(sources, rels, strict=True):
+        entry = old_images.get(rel)
+        if entry is not None:
+            try:
+                st = path.stat()
+            except OSError:
+                st = None
+            if st is not None and st.st_size == entry["bytes"] and st.st_mtime_ns == entry["mtime_ns"] \
+                    and (dst / entry["file"]).is_file():
+                images[rel] = entry
+                continue
+            out = entry["file"]
+        else:
+            out = _output_name(rel, taken)
+            taken.add(out.lower())
+        jobs.append((str(path), str(dst / out), entry["sha256"] if entry else None, settings))
+        job_rels.append(rel)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    result.unchanged = len(images)
+    done_before = len(images)
+    progress("convert", done_before, len(sources))
+    last_save = time.monotonic()
+
+    def manifest_now() -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "size": size, "crop": crop, "small": small,
+                "background": list(settings.background), "source": str(src.resolve()),
+                "count": len(images), "images": {k: images[k] for k in sorted(images)},
+                "pack": old.get("pack") if old else None}
+
+    try:
+        for i, (rel, job, res) in enumerate(zip(job_rels, jobs, _run(jobs, workers), strict=True), start=1):
+            status = res.pop("status")
+            out_rel = Path(job[1]).relative_to(dst).as_posix()
+            if status == "unchanged":
+                images[rel] = {**old_images[rel], "bytes": res["bytes"], "mtime_ns": res["mtime_ns"]}
+                result.unchanged += 1
+            elif status == "ok":
+                images[rel] = {"file": out_rel, **{k: res[k] for k in ("sha256", "bytes", "mtime_ns", "width", "height",
+                                                                       "small", "out_sha256")}}
+                result.converted += 1
+            else:
+                if status == "small_skipped":
+                    result.small.append(rel)
+                else:
+                    result.rejected.append((rel, res["reason"]))
+                _remove(dst / out_rel)  # a source that became unusable must not leave its old output behind
+            progress("convert", done_before + i, len(sources))
+            if time.monotonic() - last_save > 60:  # an interrupted long run keeps what it finished
+                _write_json(dst / MANIFEST, manifest_now())
+                last_save = time.monotonic()
+    finally:
+        # Sources that disappeared: delete their outputs (the prepared set mirrors SRC).
+        seen = set(rels)
+        for rel, entry in old_images.items():
+            if rel not in seen:
+                _remove(dst / entry["file"])
+                result.removed += 1
+        _write_json(dst / MANIFEST, manifest_now())
+
+    result.small = sorted(set(result.small) | {rel for rel, e in images.items() if e.get("small")})
+    result.count = len(images)
+    manifest = manifest_now()
+    manifest["rejected"] = [{"source": rel, "reason": reason} for rel, reason in result.rejected]
+    if result.count:
+        _update_pack(dst, manifest, pack, result, progress)
+    _write_json(dst / MANIFEST, manifest)
+    result.report = dst / REPORT
+    result.report.write_text(format_report(src, result))
+    result.seconds = time.perf_counter() - started
+    if result.count == 0:
+        why = (f"{len(result.rejected)} file(s) could not be read, {len(result.small)} skipped as smaller than {size}px"
+               if sources else f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively")
+        raise DataError(f"no usable image in {src} ({why}); details in {result.report}")
+    return result
+
+
+def _run(jobs: list[tuple[str, str, str | None, Settings]], workers: int | None) -> Iterable[dict[str, Any]]:
+    """Results of ``_process`` in job order, over ``workers`` processes (1: in this process)."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        yield from map(_process, jobs)
+        return
+    chunk = max(1, min(32, len(jobs) // (workers * 8)))
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
+        yield from pool.map(_process, jobs, chunksize=chunk)
+    finally:  # also on Ctrl-C in the caller: drop the queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which saves the manifest and stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _update_pack(dst: Path, manifest: dict[str, Any], pack: bool | None, result: PrepareResult,
+                 progress: ProgressFn) -> None:
+    """Write, refresh or delete DST/packed.npy so that it always matches the manifest (or is absent)."""
+    path = dst / PACK_FILE
+    existing = manifest.get("pack")
+    if pack is False or (pack is None and not existing):
+        if path.exists():
+            _remove(path)
+        manifest["pack"] = None
+        return
+    digest = pack_digest(manifest)
+    if existing and existing.get("digest") == digest and path.is_file():
+        result.pack = path
+        return
+    files = prepared_files(dst, manifest)
+    size = manifest["size"]
+    tmp = dst / (PACK_FILE + ".tmp")
+    # (count, 3, N, N): channel-first like the dataset items, so a batch is one slice with no transpose.
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("RGB"))
+        if a.shape != (size, size, 3):
+            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]}, not {size}x{size}: run 'ddpmctl prepare' again")
+        arr[i] = a.transpose(2, 0, 1)
+        if i % 256 == 0 or i == len(files) - 1:
+            progress("pack", i + 1, len(files))
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+    manifest["pack"] = {"file": PACK_FILE, "count": len(files), "digest": digest}
+    result.pack, result.pack_written = path, True
+
+
+def format_report(src: Path, r: PrepareResult) -> str:
+    """The text of DST/report.txt."""
+    s = r.settings
+    lines = [
+        "ddpmctl prepare report",
+        f"source: {src}",
+        f"settings: size {s.size}px, crop {s.crop}, small images {s.small}d, background {s.background}",
+        f"prepared set: {r.count} images ({r.converted} converted now, {r.unchanged} unchanged, {r.removed} removed)",
+        f"packed array: {r.pack.name if r.pack else 'none'}",
+        "",
+        f"smaller than {s.size}px ({'upscaled' if s.small == 'upscale' else 'skipped'}): {len(r.small)}",
+        *(f"  {rel}" for rel in r.small),
+        "",
+        f"skipped, could not be used: {len(r.rejected)}",
+        *(f"  {rel}: {reason}" for rel, reason in r.rejected),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,288 @@
+"""`ddpmctl prepare` and the prepared / packed datasets: awkward inputs built here, nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_args
+from PIL import Image, ImageFile
+from typer.testing import CliRunner
+
+from ddpmctl.cli.main import app
+from ddpmctl.data import BatchStream, ImageFolderDataset, PackedDataset, PreparedDataset, build_dataset
+from ddpmctl.errors import DataError
+from ddpmctl.prepare import MANIFEST, PACK_FILE, REPORT, prepare
+
+N = 16
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+runner = CliRunner()
+
+
+def run(*args: object):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def halves(w: int, h: int, left: tuple, right: tuple) -> Image.Image:
+    im = Image.new("RGB", (w, h), left)
+    im.paste(right, (w // 2, 0, w, h))
+    return im
+
+
+def bomb_png() -> bytes:
+    """A tiny PNG whose header claims 100000 x 100000 pixels (far over Pillow's limit)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+GOOD = ["plain.jpg", "nested/deeper/UPPER.PNG", "rotated.jpg", "rgba.png", "palette.png", "anim.gif",
+        "gray16.png", "cmyk.jpg", "gray.png", "scan.TIF", "old.BMP", "web.WebP", "small.png", "wide.jpg"]
+BAD = {"trunc.jpg": "truncated", "trunc.png": "truncated", "empty.png": "empty file", "junk.jpg": "not an image",
+       "bomb.png": "decompression bomb", "dangling.png": "unreadable"}
+
+
+def make_messy_folder(src: Path) -> Path:
+    """One file of every awkward kind the issue lists, plus a text file that must be ignored quietly."""
+    (src / "nested" / "deeper").mkdir(parents=True)
+    noise(40, 30).save(src / "plain.jpg", quality=95)
+    noise(20, 20, seed=1).save(src / "nested" / "deeper" / "UPPER.PNG")
+    # Stored 32 x 16, red left / blue right, EXIF orientation 6 (rotate 90 clockwise to display):
+    # displayed 16 x 32 with red on top and blue at the bottom.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves(32, 16, RED, BLUE).save(src / "rotated.jpg", quality=100, exif=exif)
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent black ...
+    rgba.paste((255, 0, 0, 255), (0, 0, 16, 32))  # ... with an opaque red left half
+    rgba.save(src / "rgba.png")
+    pal = Image.new("P", (24, 24), 0)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    pal.paste(1, (0, 0, 12, 24))  # green left half, index 0 (black) transparent
+    pal.save(src / "palette.png", transparency=0)
+    frames = [Image.new("RGB", (20, 20), RED), Image.new("RGB", (20, 20), BLUE)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # 16-bit horizontal ramp, 64 x 32
+    Image.fromarray(ramp).save(src / "gray16.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(src / "cmyk.jpg", quality=95)  # red in CMYK
+    Image.new("L", (20, 20), 100).save(src / "gray.png")
+    noise(20, 20, seed=2).save(src / "scan.TIF")
+    noise(20, 20, seed=3).save(src / "old.BMP")
+    noise(20, 20, seed=4).save(src / "web.WebP")
+    noise(8, 8, seed=5).save(src / "small.png")  # smaller than N: upscaled and counted
+    halves(32, 16, RED, RED).save(src / "wide.jpg", quality=100)
+
+    big = noise(64, 64, seed=6)
+    big.save(src / "whole.jpg")
+    big.save(src / "whole.png")
+    (src / "trunc.jpg").write_bytes((src / "whole.jpg").read_bytes()[:1500])
+    (src / "trunc.png").write_bytes((src / "whole.png").read_bytes()[:3000])
+    (src / "whole.jpg").unlink()
+    (src / "whole.png").unlink()
+    (src / "empty.png").write_bytes(b"")
+    (src / "junk.jpg").write_bytes(os.urandom(300))
+    (src / "bomb.png").write_bytes(bomb_png())
+    os.symlink(src / "no-such-file.png", src / "dangling.png")
+    (src / "notes.txt").write_text("not an image, ignored quietly")
+    return src
+
+
+def out_of(dst: Path, rel: str) -> np.ndarray:
+    manifest = json.loads((dst / MANIFEST).read_text())
+    return np.asarray(Image.open(dst / manifest["images"][rel]["file"]))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The messy folder prepared once with two worker processes (the parallel path)."""
+    root = tmp_path_factory.mktemp("prep")
+    src = make_messy_folder(root / "src")
+    result = run("prepare", src, root / "dst", "--size", N, "--workers", 2)
+    assert result.exit_code == 0, result.output
+    return src, root / "dst", result.output
+
+
+def test_every_good_image_becomes_rgb_n_by_n(prepared):
+    src, dst, output = prepared
+    manifest = json.loads((dst / MANIFEST).read_text())
+    assert sorted(manifest["images"]) == sorted(GOOD)
+    assert manifest["count"] == len(GOOD) and manifest["size"] == N
+    for rel, entry in manifest["images"].items():
+        with Image.open(dst / entry["file"]) as im:
+            assert (im.mode, im.size) == ("RGB", (N, N)), rel
+        assert len(entry["sha256"]) == 64 and entry["bytes"] == (src / rel).stat().st_size
+    assert (dst / "images" / "nested" / "deeper" / "UPPER.png").is_file()  # sub-folders mirrored
+    assert f"{len(GOOD)} images of {N}x{N}" in output
+    assert "notes.txt" not in output and ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_bad_files_are_skipped_and_named_with_reasons(prepared):
+    _, dst, output = prepared
+    report = (dst / REPORT).read_text()
+    assert f"{len(BAD)} file(s) skipped" in output
+    for name, reason in BAD.items():
+        line = next(ln for ln in report.splitlines() if ln.strip().startswith(f"{name}:"))
+        assert reason in line, line
+        assert name in output
+    assert "1 image(s) smaller than 16px were upscaled" in output and "small.png" in report
+
+
+def test_exif_orientation_applied(prepared):
+    _, dst, _ = prepared
+    a = out_of(dst, "rotated.jpg").astype(int)
+    # Right way up: the whole top row is red and the bottom row blue (sideways it would be red|blue).
+    assert (a[0, :, 0] > 200).all() and (a[0, :, 2] < 60).all()
+    assert (a[-1, :, 2] > 200).all() and (a[-1, :, 0] < 60).all()
+
+
+def test_transparency_goes_onto_white_not_black(prepared):
+    _, dst, _ = prepared
+    a = out_of(dst, "rgba.png").astype(int)
+    assert (a[:, 0] == RED).all() and (a[:, -1] == 255).all()
+    p = out_of(dst, "palette.png").astype(int)
+    assert (p[:, 0] == (0, 200, 0)).all() and (p[:, -1] == 255).all()
+
+
+def test_first_gif_frame_cmyk_and_gray(prepared):
+    _, dst, _ = prepared
+    assert (out_of(dst, "anim.gif") == RED).all()
+    c = out_of(dst, "cmyk.jpg").astype(int)
+    assert (c[..., 0] > 220).all() and (c[..., 1:] < 40).all()
+    g = out_of(dst, "gray.png")
+    assert (g == 100).all()
+
+
+def test_16_bit_ramp_stays_a_ramp(prepared):
+    _, dst, _ = prepared
+    row = out_of(dst, "gray16.png")[N // 2, :, 0].astype(int)
+    # The centre half of a 0..255 ramp: rising all the way, neither clipped to white nor crushed.
+    assert (np.diff(row) > 0).all()
+    assert 50 < row[0] < 90 and 165 < row[-1] < 205
+
+
+def test_pad_mode_keeps_the_whole_image(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    halves(32, 16, RED, RED).save(src / "wide.png")
+    result = run("prepare", src, tmp_path / "dst", "--size", N, "--crop", "pad", "--background", "black", "--workers", 1)
+    assert result.exit_code == 0, result.output
+    a = out_of(tmp_path / "dst", "wide.png")
+    assert (a[:4] == 0).all() and (a[-4:] == 0).all() and (a[4:12] == RED).all()
+
+
+def test_rerun_only_processes_new_or_changed_files(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(4):
+        noise(24, 24, seed=i).save(src / "sub" / f"{i}.png")
+    dst = tmp_path / "dst"
+    first = prepare(src, dst, N, workers=1)
+    assert (first.count, first.converted) == (4, 4)
+    manifest = (dst / MANIFEST).read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (dst / "images").rglob("*.png")}
+
+    again = prepare(src, dst, N, workers=1)
+    assert (again.count, again.converted, again.unchanged) == (4, 0, 4)
+    assert (dst / MANIFEST).read_text() == manifest
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+
+    os.utime(src / "sub" / "0.png", ns=(1, 1))  # touched, same content: hashed, not converted
+    noise(24, 24, seed=9).save(src / "sub" / "1.png")  # changed content
+    noise(24, 24, seed=10).save(src / "new.png")  # new file
+    (src / "sub" / "3.png").unlink()  # gone: its output is removed
+    third = prepare(src, dst, N, workers=1)
+    assert (third.count, third.converted, third.unchanged, third.removed) == (4, 2, 2, 1)
+    assert not (dst / "images" / "sub" / "3.png").exists()
+    assert (out_of(dst, "sub/1.png") != np.asarray(noise(24, 24, seed=1).resize((N, N)))).any()
+
+
+def test_different_size_into_same_dst_is_refused(prepared):
+    src, dst, _ = prepared
+    result = run("prepare", src, dst, "--size", 32)
+    assert result.exit_code == 1
+    assert "already holds images prepared at 16px, not 32px" in result.output
+
+
+def test_missing_src_and_no_usable_image_exit_1_with_one_line(tmp_path):
+    result = run("prepare", tmp_path / "nope", tmp_path / "dst", "--size", N)
+    assert result.exit_code == 1
+    assert "does not exist" in result.output and len(result.output.strip().splitlines()) == 1
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not a png")
+    result = run("prepare", src, tmp_path / "dst2", "--size", N)
+    assert result.exit_code == 1
+    assert "no usable image" in result.output and "report.txt" in result.output
+    assert "a.png: not an image" in (tmp_path / "dst2" / REPORT).read_text()
+
+
+def test_pillow_pixel_limit_is_kept(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(40, 40).save(src / "big.png")
+    noise(20, 20).save(src / "ok.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is over it; in-process (workers=1) only
+    result = prepare(src, tmp_path / "dst", N, workers=1)
+    assert result.count == 1 and result.rejected[0][0] == "big.png"
+    assert "decompression bomb" in result.rejected[0][1]
+
+
+def test_training_data_from_prepared_and_packed_folders(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        noise(20, 24, seed=i).save(src / f"{i}.jpg")
+    dst = tmp_path / "dst"
+    prepare(src, dst, N, workers=1)
+    ds, desc = build_dataset(dst, N)
+    assert isinstance(ds, PreparedDataset) and len(ds) == 10 and "--pack" in desc
+    with pytest.raises(DataError, match="prepared at 16px but --img-size is 32"):
+        build_dataset(dst, 32)
+
+    result = run("prepare", src, dst, "--size", N, "--pack")
+    assert result.exit_code == 0 and "packed array" in result.output
+    packed, desc = build_dataset(dst, N)
+    assert isinstance(packed, PackedDataset) and "memory-mapped" in desc
+    assert np.load(dst / PACK_FILE, mmap_mode="r").shape == (10, 3, N, N)
+    for i in range(10):
+        assert packed[i].dtype == torch.uint8 and torch.equal(packed[i], ds[i])
+    assert torch.equal(torch.stack(packed.__getitems__([3, 1])), torch.stack([ds[3], ds[1]]))
+    batches = BatchStream(packed, batch_size=4, num_workers=0, pin_memory=False)
+    assert [next(batches).shape for _ in range(3)] == [(4, 3, N, N), (4, 3, N, N), (2, 3, N, N)]
+    direct, _ = build_dataset(dst / PACK_FILE, N)  # the .npy file itself works too
+    assert len(direct) == 10
+    with pytest.raises(DataError, match="holds 16px images but --img-size is 32"):
+        build_dataset(dst / PACK_FILE, 32)
+
+    noise(20, 24, seed=99).save(src / "0.jpg")  # a changed source: a plain rerun refreshes the pack
+    prepare(src, dst, N, workers=1)
+    packed, _ = build_dataset(dst, N)
+    assert isinstance(packed, PackedDataset) and torch.equal(packed[0], build_dataset(dst, N)[0][0])
+    prepare(src, dst, N, workers=1, pack=False)
+    assert not (dst / PACK_FILE).exists() and isinstance(build_dataset(dst, N)[0], PreparedDataset)
+
+
+def test_raw_folder_still_works_with_a_hint(tiny_images):
+    ds, desc = build_dataset(tiny_images, 8)
+    assert isinstance(ds, ImageFolderDataset) and "ddpmctl prepare" in desc
+    assert ds[0].shape == (3, 8, 8) and ds[0].dtype == torch.uint8
+
+
+def test_train_refuses_a_prepared_folder_of_another_size(tmp_path, tiny_images):
+    dst = tmp_path / "dst"
+    assert run("prepare", tiny_images, dst, "--size", N, "--pack", "--workers", 1).exit_code == 0
+    result = run("train", *tiny_args(dst, tmp_path, steps=2, img_size=32))
+    assert result.exit_code == 1
+    assert "prepared at 16px but --img-size is 32" in result.output
