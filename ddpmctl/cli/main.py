@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
+from .evaluate import evaluate_cmd
 from .options import UNDERSCORE_ALIASES
+from .prepare import prepare_cmd
 from .sample import sample_cmd
 from .train import resume_cmd, train_cmd
 
@@ -40,6 +42,8 @@ app.command("train", help="Train a new run (defaults < --config FILE < options).
 app.command("resume", help="Continue a run from its latest checkpoint; its config.yaml holds the rest.",
             context_settings=UNDERSCORE_ALIASES)(resume_cmd)
 app.command("sample")(sample_cmd)
+app.command("evaluate")(evaluate_cmd)
+app.command("prepare")(prepare_cmd)
 
 
 def main() -> None:
