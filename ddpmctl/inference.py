@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,10 +14,10 @@ from torch import nn
 
 from . import checkpoints
 from .config import Config, from_dict
-from .diffusion import Schedule, timestep_subsequence
-from .errors import CheckpointError
+from .diffusion import Schedule
+from .errors import CheckpointError, DdpmctlError
 from .runtime import Precision, build_model, resolve_precision, select_device
-from .sampling import SampleResult, progression_grid, sample, to_uint8
+from .sampling import SampleResult, progression_grid, sample, sampler_timesteps, to_uint8
 
 
 @dataclass
@@ -64,6 +64,133 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
                        use_ema and has_ema, dev, prec, notes)
 
 
+@dataclass
+class SampleProgress:
+    """Where a batched sampling run stands; ``units`` are image-steps, so batch-size changes keep the bar honest."""
+
+    units_done: int
+    units_total: int
+    images_done: int
+    images_total: int
+    batch_size: int
+    note: str | None = None  # e.g. a batch size halved after running out of memory
+
+
+@dataclass
+class SampledBatch:
+    start: int  # index of the first image of the batch
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32 on the CPU
+    result: SampleResult = field(repr=False)
+
+
+def image_seed(seed: int, index: int, stream: int) -> int:
+    """The seed of image ``index``'s x_T (stream 0) or step noise (stream 1): independent of the batching."""
+    return ((seed % (1 << 31)) * 1_000_003 + index) * 2 + stream
+
+
+def initial_noise(seed: int, start: int, n: int, size: int) -> torch.Tensor:
+    """x_T for images start..start+n-1, drawn on the CPU so it is the same on every device: (n, 3, size, size)."""
+    gens = [torch.Generator(device="cpu").manual_seed(image_seed(seed, start + i, 0)) for i in range(n)]
+    return torch.stack([torch.randn((3, size, size), generator=g) for g in gens])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError MPS and others raise for the same thing."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def iter_samples(
+    loaded: LoadedModel,
+    num: int,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    record_first: bool = False,
+    plot_freq_interval: int | None = None,
+    max_frames: int = 24,
+    on_progress: Callable[[SampleProgress], None] | None = None,
+) -> Iterator[SampledBatch]:
+    """Yield ``num`` samples in batches of at most ``batch_size``, halving the batch if memory runs out.
+
+    Image i's x_T and per-step noise come from (seed, i) alone, so the same seed gives the same images
+    on the same device whatever the batch size (up to floating-point differences between batch shapes).
+    With ``record_first`` the first batch also records progression frames.
+    """
+    if num < 1:
+        return
+    size = loaded.config.model.img_size
+    n_steps = len(sampler_timesteps(loaded.schedule.num_steps, sampler, steps))
+    every = plot_freq_interval or loaded.config.sampling.plot_freq_interval
+    total = num * n_steps
+    done_units = 0
+    start = 0
+    bs = max(1, batch_size)
+    note: str | None = None
+    while start < num:
+        n = min(bs, num - start)
+        noise = initial_noise(seed, start, n, size).to(loaded.device)
+        gens = [torch.Generator(device=loaded.device).manual_seed(image_seed(seed, start + i, 1)) for i in range(n)]
+
+        def progress(i: int, _n: int, base: int = done_units, width: int = n, images: int = start, cur: int = bs) -> None:
+            nonlocal note
+            if on_progress is not None:
+                on_progress(SampleProgress(base + i * width, total, images, num, cur, note))
+                note = None
+
+        try:
+            result = sample(
+                loaded.model, loaded.schedule, noise, sampler=sampler, steps=steps, eta=eta, generator=gens,
+                record_every=every, max_frames=max_frames, record=record_first and start == 0,
+                autocast=loaded.precision.autocast_factory(), callback=progress,
+            )
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
+            if not is_out_of_memory(exc):
+                raise
+            del noise, gens
+            _free_memory(loaded.device)
+            if n <= 1:
+                raise DdpmctlError(f"out of memory on {loaded.device} even for one image; "
+                                   "try --device cpu or a smaller --precision") from None
+            bs = max(1, n // 2)
+            note = f"out of memory at batch size {n}; continuing with --batch-size {bs}"
+            if on_progress is not None:
+                on_progress(SampleProgress(done_units, total, start, num, bs, note))
+                note = None
+            continue
+        done_units += n * n_steps
+        start += n
+        yield SampledBatch(start - n, result.images, result)
+    if on_progress is not None:
+        on_progress(SampleProgress(total, total, num, num, bs))
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """Write a (3, H, W) [0, 1] float image as PNG."""
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@dataclass
+class GenerateResult:
+    images: list[Path]  # sample_<i>.png, in order
+    grid: Path | None = None  # progression.png
+    sheet: Path | None = None  # samples.png
+    notes: list[str] = field(default_factory=list)
+
+
 def generate(
     loaded: LoadedModel,
     out_dir: str | Path,
@@ -77,64 +204,67 @@ def generate(
     show_x0: bool = False,
     plot_freq_interval: int | None = None,
     contact_sheet: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
+    grid_rows: int = 8,
+    on_progress: Callable[[SampleProgress], None] | None = None,
 ) -> list[Path]:
-    """Write ``num`` PNGs (sample_00000.png, ...) into ``out_dir``.
+    """Write ``num`` PNGs (sample_00000.png, ...) into ``out_dir``; returns every file written.
 
-    ``grid`` adds progression.png (noise to image, a row per sample); ``contact_sheet`` adds samples.png,
-    all images (up to 256) tiled in one picture.
-
-    Each batch's x_T and step noise come from (seed, batch index), so the same seed gives the same
-    images whatever the batch size of earlier runs on this device.
+    ``grid`` adds progression.png (noise to image, a row per sample, at most ``grid_rows`` rows);
+    ``contact_sheet`` adds samples.png, all images (up to 256) tiled in one picture. Both come last.
     """
+    res = generate_files(loaded, out_dir, num, sampler, steps, eta, seed, batch_size, grid, show_x0,
+                         plot_freq_interval, contact_sheet, grid_rows, on_progress)
+    return res.images + [p for p in (res.sheet, res.grid) if p is not None]
+
+
+def generate_files(
+    loaded: LoadedModel,
+    out_dir: str | Path,
+    num: int,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    grid: bool = False,
+    show_x0: bool = False,
+    plot_freq_interval: int | None = None,
+    contact_sheet: bool = False,
+    grid_rows: int = 8,
+    on_progress: Callable[[SampleProgress], None] | None = None,
+) -> GenerateResult:
+    """Like :func:`generate`, with the files sorted by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = loaded.config.model.img_size
-    per_step = plot_freq_interval or loaded.config.sampling.plot_freq_interval
-    total_steps = len(timestep_subsequence(loaded.schedule.num_steps, None if sampler == "ddpm" else steps))
-    written: list[Path] = []
-    done_steps = 0
+    digits = max(5, len(str(num - 1)))
+    res = GenerateResult(images=[])
     first: SampleResult | None = None
     sheet: list[torch.Tensor] = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((n, 3, size, size), generator=gen).to(loaded.device)
-        step_gen = torch.Generator(device=loaded.device).manual_seed(seed * 1_000_003 + start + 1)
 
-        def progress(i: int, _n: int, base: int = done_steps) -> None:
-            if on_progress is not None:
-                on_progress(base + i, total_steps * ((num + batch_size - 1) // batch_size))
+    def track(p: SampleProgress) -> None:
+        if p.note:
+            res.notes.append(p.note)
+        if on_progress is not None:
+            on_progress(p)
 
-        result = sample(
-            loaded.model, loaded.schedule, noise, sampler=sampler, steps=steps, eta=eta, generator=step_gen,
-            record_every=per_step if (grid and first is None) else None, max_frames=24,
-            autocast=loaded.precision.autocast_factory(), callback=progress,
-        )
-        done_steps += total_steps
+    for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, record_first=grid,
+                              plot_freq_interval=plot_freq_interval, on_progress=track):
         if first is None:
-            first = result
+            first = batch.result
         if contact_sheet and len(sheet) < 256:
-            sheet.extend(result.images[: 256 - len(sheet)])
-        for i, img in enumerate(to_uint8(result.images).numpy()):
-            path = out / f"sample_{start + i:05d}.png"
+            sheet.extend(batch.images[: 256 - len(sheet)])
+        for i, img in enumerate(to_uint8(batch.images).numpy()):
+            path = out / f"sample_{batch.start + i:0{digits}d}.png"
             Image.fromarray(img).save(path)
-            written.append(path)
+            res.images.append(path)
     if sheet:
         tiles = torch.stack(sheet)
         img = torchvision.utils.make_grid((tiles + 1) / 2, nrow=int(math.ceil(math.sqrt(len(sheet)))), padding=2,
                                           pad_value=1.0)
-        path = out / "samples.png"
-        Image.fromarray((img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
-        written.append(path)
+        res.sheet = save_png(img, out / "samples.png")
     if grid and first is not None:
-        rows = min(first.images.shape[0], 8)
-        first.images = first.images[:rows]
-        first.frames = [f[:rows] for f in first.frames]
-        first.frames_x0 = [f[:rows] for f in first.frames_x0]
-        img = progression_grid(first, show_x0)
-        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        path = out / "progression.png"
-        Image.fromarray(arr).save(path)
-        written.append(path)
-    return written
+        rows = min(first.images.shape[0], grid_rows)
+        first = SampleResult(first.images[:rows], [f[:rows] for f in first.frames],
+                             [f[:rows] for f in first.frames_x0], first.frame_steps)
+        res.grid = save_png(progression_grid(first, show_x0), out / "progression.png")
+    return res

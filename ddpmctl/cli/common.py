@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import DdpmctlError, TrainingStopped
 
@@ -19,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one ``Error:`` line on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

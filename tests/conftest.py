@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs and tiny image folders so every test runs on the CPU in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpmctl.data import make_demo_dataset
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 demo images of 16 px (built once per session)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny_images"), num_images=64, size=16, seed=0)
+
+
+def tiny_args(data: Path, work: Path, steps: int = 4, **extra: object) -> list[str]:
+    """Command-line options for a training run that takes a second or two."""
+    args = {
+        "experiment-name": "tiny", "path-to-data": data, "working-directory": work / "working",
+        "generated-directory": work / "generated", "img-size": 16, "starting-channels": 8,
+        "channel-multipliers": "1,2", "num-res-blocks": 1, "attention-resolutions": "8", "num-heads": 2,
+        "num-diffusion-timesteps": 20, "num-training-steps": steps, "batch-size": 8, "warmup-steps": 1,
+        "evaluation-interval": steps, "num-workers": 0, "num-generations": 2, "plot-freq-interval": 5,
+        "log-interval": 1, "device": "cpu",
+    }
+    args.update({k.replace("_", "-"): v for k, v in extra.items()})
+    out: list[str] = []
+    for key, value in args.items():
+        out += [f"--{key}", str(value)]
+    return out
