@@ -38,6 +38,10 @@ class Schedule:
         abar = torch.cumprod(1 - betas, dim=0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         f32 = lambda x: x.to(device=device, dtype=torch.float32)  # noqa: E731
+        # float64 copies on the CPU: sampler steps take their coefficients as Python floats (exact, and no
+        # tiny device kernels per step); the float32 device tensors serve per-sample timesteps in training.
+        self.abar64 = abar.clone()
+        self.betas64 = betas.clone()
         self.betas = f32(betas)
         self.alphas_cumprod = f32(abar)
         self.alphas_cumprod_prev = f32(abar_prev)
@@ -97,38 +101,54 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def _abar(sched: Schedule, t: int) -> float:
+    """abar_t as a Python float (float64); t = -1 is the clean image, abar = 1."""
+    return 1.0 if t < 0 else float(sched.abar64[t])
+
+
+def _split_scalar(sched: Schedule, x_t: torch.Tensor, t: int, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_prediction for one timestep shared by the whole batch, with float64 coefficients."""
+    abar = _abar(sched, t)
+    a, s = math.sqrt(abar), math.sqrt(1 - abar)
+    pred = pred.float()
+    if sched.prediction_type == "epsilon":
+        return (x_t - s * pred) / a, pred
+    return a * x_t - s * pred, s * x_t + a * pred  # v: x_0 = a x_t - s v, eps = s x_t + a v
+
+
 def ddpm_step(
     sched: Schedule, x_t: torch.Tensor, t: int, pred: torch.Tensor, noise: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2, posterior mean of Eq. 7, sigma^2 = beta-tilde).
 
-    Returns (x_{t-1}, x0_hat). ``noise`` is ignored at t = 0.
+    The network's x_0 is clipped to [-1, 1] before it enters the posterior mean (Ho et al.'s released
+    code does the same). Returns (x_{t-1}, x0_hat). ``noise`` is ignored at t = 0.
     """
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    x0, _ = split_prediction(sched, x_t, tt, pred)
+    x0, _ = _split_scalar(sched, x_t, t, pred)
     x0 = x0.clamp(-1, 1)
-    mean = _at(sched.posterior_mean_coef1, tt) * x0 + _at(sched.posterior_mean_coef2, tt) * x_t
+    abar, abar_prev, beta = _abar(sched, t), _abar(sched, t - 1), float(sched.betas64[t])
+    coef1 = beta * math.sqrt(abar_prev) / (1 - abar)  # Eq. 7
+    coef2 = (1 - abar_prev) * math.sqrt(1 - beta) / (1 - abar)
+    mean = coef1 * x0 + coef2 * x_t
     if t == 0 or noise is None:
         return mean, x0
-    return mean + _at(sched.posterior_variance, tt).sqrt() * noise, x0
+    variance = beta * (1 - abar_prev) / (1 - abar)  # beta-tilde_t
+    return mean + math.sqrt(variance) * noise, x0
 
 
 def ddim_step(
     sched: Schedule, x_t: torch.Tensor, t: int, t_prev: int, pred: torch.Tensor, eta: float,
     noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12); t_prev = -1 means the clean image."""
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    x0, eps = split_prediction(sched, x_t, tt, pred)
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12 with sigma of Eq. 16); t_prev = -1 is the clean image."""
+    x0, _ = _split_scalar(sched, x_t, t, pred)
     x0 = x0.clamp(-1, 1)
-    abar_t = sched.alphas_cumprod[t]
-    abar_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
+    abar_t, abar_prev = _abar(sched, t), _abar(sched, t_prev)
     # Re-derive eps from the clipped x0 so the step stays consistent with it.
-    eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
-    direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-    x_prev = abar_prev.sqrt() * x0 + direction
-    if noise is not None and t_prev >= 0 and eta > 0:
+    eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+    sigma = eta * math.sqrt(max(0.0, (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)))
+    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(0.0, 1 - abar_prev - sigma**2)) * eps
+    if noise is not None and t_prev >= 0 and sigma > 0:
         x_prev = x_prev + sigma * noise
     return x_prev, x0
 
@@ -137,23 +157,26 @@ def dpmpp_2m_step(
     sched: Schedule, x_t: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor, x0_last: torch.Tensor | None,
     t_last: int | None,
 ) -> torch.Tensor:
-    """One DPM-Solver++(2M) step in log-SNR time (Lu et al. 2022, Algorithm 2), data prediction x0."""
+    """One DPM-Solver++(2M) step in log-SNR time (Lu et al. 2022, Algorithm 2), data prediction x0.
 
-    def lam(step: int) -> torch.Tensor:  # half log-SNR: log(alpha / sigma)
-        abar = sched.alphas_cumprod[step]
-        return 0.5 * torch.log(abar / (1 - abar))
-
-    abar_t = sched.alphas_cumprod[t]
+    With lambda = log(alpha / sigma), h = lambda_prev - lambda_t and r = h_last / h:
+    x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D, D = (1 + 1/2r) x0 - (1/2r) x0_last.
+    The step to the clean image (t_prev = -1, sigma = 0) is the limit h -> inf: x_prev = x0.
+    """
     if t_prev < 0:
         return x0
-    abar_prev = sched.alphas_cumprod[t_prev]
-    sigma_t, sigma_prev = (1 - abar_t).sqrt(), (1 - abar_prev).sqrt()
+
+    def lam(step: int) -> float:  # half log-SNR: log(alpha / sigma)
+        abar = _abar(sched, step)
+        return 0.5 * math.log(abar / (1 - abar))
+
+    abar_t, abar_prev = _abar(sched, t), _abar(sched, t_prev)
     h = lam(t_prev) - lam(t)
     d = x0
     if x0_last is not None and t_last is not None:
         r = (lam(t) - lam(t_last)) / h
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_last
-    return (sigma_prev / sigma_t) * x_t - abar_prev.sqrt() * torch.expm1(-h) * d
+    return math.sqrt((1 - abar_prev) / (1 - abar_t)) * x_t - math.sqrt(abar_prev) * math.expm1(-h) * d
 
 
 def timestep_subsequence(num_steps: int, sampling_steps: int | None) -> list[int]:

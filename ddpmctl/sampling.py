@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import diffusion
 from .diffusion import Schedule
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+GRID_PAD = 2  # white pixels between the tiles of a progression grid
+
+# One generator for the whole batch, or one per image (then each image's noise is independent of the batch).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -21,11 +29,51 @@ class SampleResult:
     frame_steps: list[int] = field(default_factory=list)  # the timestep of each recorded frame
 
 
-def record_steps(timesteps: list[int], every: int | None) -> set[int]:
-    """Timesteps at which to record a grid column: every ``every`` timesteps (DDPM) or all steps (few-step samplers)."""
-    if every is None or len(timesteps) <= 1:
-        return set(timesteps)
-    return {t for t in timesteps if t % every == 0}
+def sampler_timesteps(num_steps: int, sampler: str, steps: int | None) -> list[int]:
+    """The descending timesteps a sampler visits: all T for ddpm, ``steps`` evenly spaced ones otherwise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    return diffusion.timestep_subsequence(num_steps, None if sampler == "ddpm" else steps)
+
+
+def record_steps(timesteps: list[int], every: int | None, max_frames: int | None = None,
+                 num_steps: int | None = None) -> list[int]:
+    """Timesteps at which to record a grid column, descending; the first (pure noise) is always one.
+
+    Visiting every timestep: x_T, then every ``every`` timesteps (t % every == 0). Visiting a subsequence
+    (DDIM, DPM-Solver): the same number of columns, evenly spaced over it. ``max_frames`` caps the count.
+    """
+    if not timesteps:
+        return []
+    total = num_steps or (timesteps[0] + 1)
+    if every is None or every <= 0:
+        chosen = list(timesteps)
+    elif len(timesteps) >= total:
+        chosen = [timesteps[0]] + [t for t in timesteps[1:] if t % every == 0]
+    else:
+        chosen = _evenly(timesteps, math.ceil(total / every) + 1)
+    if max_frames and len(chosen) > max_frames:
+        chosen = _evenly(chosen, max_frames)
+    return chosen
+
+
+def _evenly(items: list[int], count: int) -> list[int]:
+    """``count`` items spread evenly over ``items``, first and last included."""
+    if count >= len(items):
+        return list(items)
+    if count <= 1:
+        return items[:1]
+    idx = sorted({round(i * (len(items) - 1) / (count - 1)) for i in range(count)})
+    return [items[i] for i in idx]
+
+
+def randn_like_batch(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` (float32), from one generator or one per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generator])
 
 
 @torch.no_grad()
@@ -36,27 +84,25 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     record_every: int | None = None,
     max_frames: int | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     callback: Callable[[int, int], None] | None = None,
+    record: bool | None = None,
 ) -> SampleResult:
     """Denoise ``noise`` (x_T) into images; records x_t and x0_hat for progression grids.
 
     ``sampler`` is 'ddpm' (Ho et al. Alg. 2, all timesteps), 'ddim' (Song et al., ``steps`` and ``eta``)
-    or 'dpmpp2m' (Lu et al. 2022). ``generator`` drives the per-step noise so a seed repeats a run.
-    ``callback(i, n)`` is called after each of the n steps.
+    or 'dpmpp2m' (Lu et al. 2022, deterministic). ``generator`` (one, or one per image) drives the
+    per-step noise so a seed repeats a run. Frames are recorded when ``record`` is true (default: when
+    ``record_every`` is given). ``callback(i, n)`` is called after each of the n steps.
     """
     device = noise.device
-    timesteps = diffusion.timestep_subsequence(sched.num_steps, None if sampler == "ddpm" else steps)
-    if sampler != "ddpm" and record_every is not None and len(timesteps) < sched.num_steps:
-        record_every = None
-    recorded = record_steps(timesteps, record_every)
-    if max_frames and len(recorded) > max_frames:
-        ordered = sorted(recorded, reverse=True)
-        idx = torch.linspace(0, len(ordered) - 1, max_frames).round().long().tolist()
-        recorded = {ordered[i] for i in idx}
+    timesteps = sampler_timesteps(sched.num_steps, sampler, steps)
+    if record is None:
+        record = record_every is not None
+    recorded = set(record_steps(timesteps, record_every, max_frames, sched.num_steps)) if record else set()
     result = SampleResult(images=noise)
     x = noise.float()
     x0_last, t_last = None, None
@@ -66,18 +112,16 @@ def sample(
         with autocast():
             pred = model(x.to(noise.dtype), tt)
         if sampler == "ddpm":
-            z = torch.randn(x.shape, generator=generator, device=device) if t > 0 else None
+            z = randn_like_batch(x, generator) if t > 0 else None
             x_next, x0 = diffusion.ddpm_step(sched, x, t, pred, z)
         elif sampler == "ddim":
-            z = torch.randn(x.shape, generator=generator, device=device) if eta > 0 and t_prev >= 0 else None
+            z = randn_like_batch(x, generator) if eta > 0 and t_prev >= 0 else None
             x_next, x0 = diffusion.ddim_step(sched, x, t, t_prev, pred, eta, z)
-        elif sampler == "dpmpp2m":
+        else:  # dpmpp2m
             x0, _ = diffusion.split_prediction(sched, x, tt, pred)
             x0 = x0.clamp(-1, 1)
             x_next = diffusion.dpmpp_2m_step(sched, x, t, t_prev, x0, x0_last, t_last)
             x0_last, t_last = x0, t
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}")
         if t in recorded:
             result.frames.append(x.float().cpu())
             result.frames_x0.append(x0.float().cpu())
@@ -89,18 +133,34 @@ def sample(
     return result
 
 
-def progression_grid(result: SampleResult, show_x0: bool = False) -> torch.Tensor:
-    """A (3, H', W') image in [0, 1]: a row per sample, columns x_T ... x_0 (with an x0_hat row under each if asked)."""
+def grid_size(rows: int, columns: int, height: int, width: int, show_x0: bool = False,
+              pad: int = GRID_PAD) -> tuple[int, int]:
+    """(H, W) in pixels of a progression grid of ``rows`` samples and ``columns`` columns."""
+    r = rows * (2 if show_x0 else 1)
+    return r * height + (r - 1) * pad, columns * width + (columns - 1) * pad
+
+
+def progression_grid(result: SampleResult, show_x0: bool = False, pad: int = GRID_PAD) -> torch.Tensor:
+    """A (3, H', W') image in [0, 1]: a row per sample, columns x_T ... x_0 and the final image.
+
+    With ``show_x0`` each sample's row is followed by a row of the model's predicted x_0 at the same
+    columns (its last tile is the final image again). Tiles are separated by ``pad`` white pixels.
+    """
     columns = result.frames + [result.images]
-    rows = []
+    columns_x0 = result.frames_x0 + [result.images]
+    tiles_rows: list[list[torch.Tensor]] = []
     for b in range(result.images.shape[0]):
-        rows.append(torch.cat([c[b] for c in columns], dim=-1))
+        tiles_rows.append([c[b] for c in columns])
         if show_x0:
-            rows.append(torch.cat([c[b] for c in result.frames_x0] + [result.images[b]], dim=-1))
-    pad = 2
-    padded = [torch.nn.functional.pad(r, (0, 0, 0, pad), value=1.0) for r in rows]
-    grid = torch.cat(padded, dim=-2)[:, :-pad]
-    return ((grid.clamp(-1, 1) + 1) / 2).float()
+            tiles_rows.append([c[b] for c in columns_x0])
+
+    def hcat(tiles: list[torch.Tensor]) -> torch.Tensor:
+        padded = [F.pad(t, (0, pad), value=1.0) for t in tiles[:-1]] + [tiles[-1]]
+        return torch.cat(padded, dim=-1)
+
+    rows = [hcat([(t.clamp(-1, 1) + 1) / 2 for t in r]) for r in tiles_rows]
+    rows = [F.pad(r, (0, 0, 0, pad), value=1.0) for r in rows[:-1]] + [rows[-1]]
+    return torch.cat(rows, dim=-2).float()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
