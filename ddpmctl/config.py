@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     num_training_steps: int = 150000  # total optimizer steps
-    batch_size: int = 32  # images per micro-batch, per process
+    batch_size: int = 32  # images per micro-batch on EACH process (torchrun: global batch = this x accumulation x world size)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this x processes)
     learning_rate: float = 1e-4  # peak learning rate of the cosine schedule
     warmup_steps: int = 5000  # optimizer steps of linear learning-rate warmup

@@ -163,10 +163,17 @@ def interrupt_handlers(flag: StopFlag) -> Iterator[None]:
         yield
         return
 
+    first_at: list[float] = []
+
     def on_signal(signum: int, _frame: Any) -> None:
-        if flag.requested and signum == signal.SIGINT:
+        now = time.monotonic()
+        # Under torchrun a terminal Ctrl-C reaches each worker twice (from the terminal and forwarded by the
+        # launcher): a second SIGINT within 2 s of the first is that echo, not the user insisting.
+        if flag.requested and signum == signal.SIGINT and first_at and now - first_at[0] > 2.0:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        if not flag.requested:
+            first_at.append(now)
         flag.request("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -193,6 +200,7 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_current"] = torch.cuda.get_rng_state()  # this process's device (each torchrun rank has one)
     if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
         state["mps"] = torch.mps.get_rng_state()
     return state
@@ -204,7 +212,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])  # robust to a different number of visible GPUs
+    elif "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
@@ -399,7 +409,7 @@ class _Trainer:
         if not self.dist.enabled:
             return [obj]
         out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.dist.host_group)  # gloo: CPU objects, no GPU pickling
         return out
 
     def save(self, last_loss: float | None) -> Path | None:
@@ -525,7 +535,10 @@ class _Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 # One read-back per step: skip the update if the loss or any gradient is not finite.
                 check = step_loss if self.precision.use_scaler else step_loss + grad_norm
-                if not bool(torch.isfinite(check)):
+                if self.dist.enabled:  # every rank must take the same decision: a sum is finite only if all are
+                    check = check.detach().float().reshape(1)
+                    dist.all_reduce(check)
+                if not bool(torch.isfinite(check).all()):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.update()
                     bad_in_row += 1
@@ -584,6 +597,7 @@ class _Trainer:
                 if self.step % cfg.sampling.evaluation_interval == 0 or self.step == t.num_training_steps:
                     last_saved, saved_step = self.save(last_loss), self.step
                     self.evaluate()
+                    barrier(self.dist)  # the other ranks wait on the host group (long timeout) while rank 0 samples
                 if self._stop_requested():
                     break
         finally:

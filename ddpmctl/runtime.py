@@ -7,6 +7,7 @@ import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,11 +96,18 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, torch.bfloat16 if requested == "bf16" else torch.float16, kind)
 
 
+# How long the other ranks wait for rank 0 alone (a checkpoint write, an evaluation grid). These waits
+# use a gloo group of their own, so no NCCL collective is pending (and no NCCL watchdog is ticking)
+# while rank 0 works; if rank 0 dies instead, its peers see the closed connection at once.
+HOST_WAIT_TIMEOUT = datetime.timedelta(hours=24)
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    host_group: Any = None  # gloo group (CPU, long timeout) for object gathers and waits on rank 0
 
     @property
     def is_main(self) -> bool:
@@ -119,14 +127,17 @@ def init_distributed(device_name: str) -> DistInfo:
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
-    # A long timeout: rank 0 may spend a while writing a checkpoint while the others wait at a barrier.
+    # The per-step collectives (gradients, loss, stop flag) run on this group; waits for rank 0's
+    # checkpoints and grids run on info.host_group, whose timeout is far longer.
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    info.host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
     return info
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (on the host group: rank 0 may be writing or sampling for long)."""
     if info.enabled and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=info.host_group)
 
 
 def build_model(cfg: Config) -> UNet:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import config as config_mod
@@ -51,8 +53,8 @@ class TrainDisplay:
             console.print(
                 f"[bold]ddpmctl train[/]: {event.parameters / 1e6:.2f}M parameters on {event.device} "
                 f"({event.precision}), world size {event.world_size}, effective batch {event.effective_batch}, "
-                f"{what} {event.start_step} of {event.total_steps}", highlight=False,
-            )
+                f"{what} {event.start_step} of {event.total_steps}", highlight=False, soft_wrap=True,
+            )  # soft_wrap: one line in log files too, so `grep "world size"` finds it
             console.print(f"data: {event.data}", highlight=False)
             console.print(f"run folder: {event.run_dir}", highlight=False)
             for note in event.notes:
@@ -90,8 +92,11 @@ class TrainDisplay:
 
 
 def _resume_hint(cfg: config_mod.Config) -> str:
-    return (f"ddpmctl resume --experiment-name {shlex.quote(cfg.run.experiment_name)} "
+    hint = (f"ddpmctl resume --experiment-name {shlex.quote(cfg.run.experiment_name)} "
             f"--working-directory {shlex.quote(cfg.run.working_directory)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: resume the same way
+        hint = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', 'N')} [rendezvous options] -m {hint}"
+    return hint
 
 
 def run_training(cfg: config_mod.Config) -> None:
@@ -100,6 +105,8 @@ def run_training(cfg: config_mod.Config) -> None:
         train(cfg, display)
     except TrainingStopped as exc:
         display.stop()
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank stops together; rank 0 says why
+            raise typer.Exit(exc.exit_code) from None
         if exc.exit_code == 130:
             err_console.print(f"[yellow]{exc}[/]", highlight=False)
             err_console.print(f"resume with: {_resume_hint(cfg)}", highlight=False)
