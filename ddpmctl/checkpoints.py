@@ -9,7 +9,8 @@ Layout of ``RUN_DIR/checkpoint_<step>/``:
                              of every file above. Written last: it is the completion marker.
 
 A checkpoint is first written to ``RUN_DIR/.tmp-checkpoint_<step>-<pid>/``, each file flushed and
-fsynced, then renamed into place and the parent directory fsynced. Rotation runs only after that.
+fsynced, then renamed into place and the parent directory fsynced. Rotation runs only after that, and
+deletes by renaming a folder out of the way first, so a checkpoint folder is either whole or absent.
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ import pickle
 import re
 import shutil
 import time
-import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -39,6 +38,7 @@ MODEL = "model.safetensors"
 EMA = "ema.safetensors"
 STATE = "training_state.pt"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
+_SCRATCH = (".tmp-checkpoint_", ".old-checkpoint_", ".trash-checkpoint_")  # prefixes of our own scratch folders
 
 
 @dataclass
@@ -57,11 +57,28 @@ class CheckpointInfo:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        try:
+            return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        except OSError:  # removed meanwhile
+            return 0
 
     @property
     def has_ema(self) -> bool:
         return (self.path / EMA).is_file()
+
+    @property
+    def saved_at(self) -> float | None:
+        value = self.meta.get("saved_at")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def loss(self) -> float | None:
+        """The training loss last reported before the save (None before the first report)."""
+        value = self.meta.get("loss")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def _fsync_file(path: Path) -> None:
@@ -104,15 +121,20 @@ def save_checkpoint(
     meta: dict[str, Any],
     ema_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint_<step>`` atomically into ``run_dir`` and return its path."""
+    """Write ``checkpoint_<step>`` atomically into ``run_dir`` and return its path.
+
+    A failure (disk full, Ctrl-C) leaves the run folder as it was: the temporary folder is removed and
+    any older checkpoint of the same step is still in place (or restored by the next
+    :func:`clean_stale_temporaries`).
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint_{step}"
     tmp = run_dir / f".tmp-checkpoint_{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_file(_contiguous(model_state), str(tmp / MODEL), metadata={"format": "pt"})
         if ema_state is not None:
             save_file(_contiguous(ema_state), str(tmp / EMA), metadata={"format": "pt"})
@@ -131,7 +153,7 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=False))
         _fsync_file(tmp / META)
         _fsync_dir(tmp)
-        if final.exists():  # an older save of the same step (e.g. a rerun): replace it only now
+        if final.exists():  # an older save of the same step (a rerun, or a damaged one): replace it only now
             old = run_dir / f".old-checkpoint_{step}-{os.getpid()}"
             final.rename(old)
             tmp.rename(final)
@@ -139,10 +161,17 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync_dir(run_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {final}: {exc.strerror or exc}; the previous checkpoints "
+                              "are untouched") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# ----------------------------------------------------------------------------- reading and listing
 
 
 def inspect_checkpoint(path: str | Path, verify_hashes: bool = False) -> CheckpointInfo:
@@ -157,20 +186,22 @@ def inspect_checkpoint(path: str | Path, verify_hashes: bool = False) -> Checkpo
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
         step = int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        version = int(meta.get("format_version", 0))
+        records = [(str(name), int(rec["size"]), str(rec["sha256"])) for name, rec in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return CheckpointInfo(path, step, False, "damaged: meta.json is unreadable", {})
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         return CheckpointInfo(path, step, False, "written by a newer ddpmctl: upgrade ddpmctl to read it", meta)
-    for name, rec in files.items():
-        f = path / name
-        if not f.is_file():
-            return CheckpointInfo(path, step, False, f"damaged: {name} is missing", meta)
-        if f.stat().st_size != rec["size"]:
-            return CheckpointInfo(path, step, False, f"damaged: {name} is truncated or changed", meta)
-        if verify_hashes and _sha256(f) != rec["sha256"]:
-            return CheckpointInfo(path, step, False, f"damaged: {name} does not match its checksum", meta)
     if MODEL not in files:
         return CheckpointInfo(path, step, False, "damaged: no model weights recorded", meta)
+    for name, size, digest in records:
+        f = path / Path(name).name  # a name in meta.json never points outside the folder
+        if not f.is_file():
+            return CheckpointInfo(path, step, False, f"damaged: {name} is missing", meta)
+        if f.stat().st_size != size:
+            return CheckpointInfo(path, step, False, f"damaged: {name} is truncated or changed", meta)
+        if verify_hashes and _sha256(f) != digest:
+            return CheckpointInfo(path, step, False, f"damaged: {name} does not match its checksum", meta)
     return CheckpointInfo(path, step, True, None, meta)
 
 
@@ -180,22 +211,40 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     if not run_dir.is_dir():
         return []
     found = [inspect_checkpoint(p) for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda c: c.step)
+    return sorted(found, key=lambda c: (c.step, c.name))
+
+
+def _scratch_owner(name: str) -> int | None:
+    pid = name.rsplit("-", 1)[-1]
+    return int(pid) if pid.isdigit() else None
 
 
 def clean_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Remove half-written ``.tmp-checkpoint_*`` folders left by a killed process."""
+    """Tidy the scratch folders a killed process left behind.
+
+    ``.tmp-*`` (a save that did not finish) and ``.trash-*`` (a deletion that did not finish) are
+    removed. ``.old-checkpoint_N-*`` is the previous copy of a checkpoint that was being replaced: if
+    ``checkpoint_N`` is missing it is put back, otherwise removed.
+    """
     run_dir = Path(run_dir)
-    removed = []
-    if run_dir.is_dir():
-        for p in run_dir.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-checkpoint_") or p.name.startswith(".old-checkpoint_")):
-                pid = p.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-                    continue  # another live process is writing it
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
+    touched = []
+    if not run_dir.is_dir():
+        return touched
+    for p in sorted(run_dir.iterdir()):
+        if not (p.is_dir() and p.name.startswith(_SCRATCH)):
+            continue
+        pid = _scratch_owner(p.name)
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue  # another live process is working on it
+        if p.name.startswith(".old-checkpoint_"):
+            final = run_dir / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if not final.exists() and inspect_checkpoint(p).complete:
+                p.rename(final)
+                touched.append(final)
+                continue
+        shutil.rmtree(p, ignore_errors=True)
+        touched.append(p)
+    return touched
 
 
 def _pid_alive(pid: int) -> bool:
@@ -208,6 +257,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that it vanishes at once: rename it aside, then remove the files."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def rotate(run_dir: str | Path, keep: int, protect: Path | None = None) -> list[Path]:
     """Delete the oldest complete checkpoints so that ``keep`` remain; never ``protect`` or the newest."""
     complete = [c for c in list_checkpoints(run_dir) if c.complete]
@@ -216,9 +274,21 @@ def rotate(run_dir: str | Path, keep: int, protect: Path | None = None) -> list[
     for c in doomed:
         if protect is not None and c.path.resolve() == Path(protect).resolve():
             continue
-        shutil.rmtree(c.path, ignore_errors=True)
+        try:
+            _discard(c.path)
+        except OSError:
+            continue  # removed by someone else meanwhile, or not ours to remove: not worth stopping training
         removed.append(c.path)
     return removed
+
+
+def _named(run_dir: Path, which: str) -> Path:
+    """``checkpoint_N``, ``N`` or a path: the run's own folder wins over one of the same name in the cwd."""
+    name = f"checkpoint_{which}" if which.isdigit() else which
+    inside = run_dir / name
+    if inside.is_dir():
+        return inside
+    return Path(which).expanduser()
 
 
 def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> tuple[Path, list[str]]:
@@ -229,46 +299,78 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> tuple[Path
     run_dir = Path(run_dir)
     notes: list[str] = []
     if which and which != "latest":
-        candidate = Path(which)
-        if not candidate.is_dir():
-            candidate = run_dir / which
+        candidate = _named(run_dir, which)
         if not candidate.is_dir():
             raise CheckpointError(f"checkpoint {which} not found in {run_dir}; {_existing(run_dir)}")
         info = inspect_checkpoint(candidate, verify_hashes=True)
         if not info.complete:
             raise CheckpointError(f"{candidate} is {info.problem}; {_existing(run_dir)}")
+        newer = [c.name for c in list_checkpoints(candidate.parent) if c.complete and c.step > info.step]
+        if newer:
+            notes.append(f"resuming from {candidate.name} although {', '.join(newer)} exist(s): training "
+                         "overwrites them when it reaches their step")
         return candidate, notes
+    skipped = []
     for info in reversed(list_checkpoints(run_dir)):
         checked = inspect_checkpoint(info.path, verify_hashes=True)
         if checked.complete:
+            if skipped:
+                notes.append(f"{', '.join(skipped)}; using {checked.name}, the newest good checkpoint")
             return checked.path, notes
-        notes.append(f"skipped {info.name}: {checked.problem}")
+        skipped.append(f"{info.name} is {checked.problem}")
     raise CheckpointError(f"no usable checkpoint in {run_dir}; {_existing(run_dir)}")
 
 
 def _existing(run_dir: Path) -> str:
     found = list_checkpoints(run_dir)
     if not found:
-        return "it holds no checkpoint" if run_dir.is_dir() else "that run folder does not exist"
+        if not run_dir.is_dir():
+            return "that run folder does not exist"
+        return "it holds no checkpoint yet (the run stopped before its first save)"
     parts = [c.name if c.complete else f"{c.name} ({c.problem})" for c in found]
     return "it holds: " + ", ".join(parts)
+
+
+def locate(path: str | Path) -> tuple[Path, list[str]]:
+    """PATH is a checkpoint folder, or a run folder whose newest usable checkpoint is used."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a checkpoint folder or a run folder")
+    if (path / META).is_file() or _NAME.match(path.name):
+        return resolve_checkpoint(path.parent, str(path))
+    return resolve_checkpoint(path, "latest")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def load_weights(path: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
     """Read a safetensors weight file, or raise CheckpointError."""
     try:
         return load_file(str(path / name))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path / name}: {exc}") from None
+    except Exception as exc:  # any failure to parse a file from disk is the file's fault, not a bug
+        raise CheckpointError(f"cannot read {path / name}: {_first_line(exc)}") from None
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """Read training_state.pt with ``weights_only=True``; pickled objects are refused, never executed."""
+    file = path / STATE
     try:
-        return torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"refusing to load {path / STATE}: {reason[:200]}") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"refusing to load {file}: it holds a pickled Python object{what} that could run code; ddpmctl "
+            "only loads tensors and plain values from checkpoints (use a checkpoint written by ddpmctl)"
+        ) from None
+    except Exception as exc:  # truncated zip, bad header, ...: the file's fault, not a bug
+        raise CheckpointError(f"cannot read {file}: {_first_line(exc)}") from None
+    if not isinstance(state, dict) or "optimizer" not in state or "scheduler" not in state:
+        raise CheckpointError(f"{file} is not a ddpmctl training state (no optimizer/scheduler state)")
+    return state
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -276,3 +378,153 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not info.complete:
         raise CheckpointError(f"{path} is {info.problem}")
     return info.meta
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop metrics.jsonl rows logged after ``step`` (and torn lines) before a resume; returns rows dropped.
+
+    A killed run may have logged steps past its last checkpoint; resuming replays them, so without
+    this they would appear twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            ok = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+@dataclass
+class PrunePlan:
+    """What ``checkpoints prune`` would do: every checkpoint folder, kept or removed, with the reason."""
+
+    run_dir: Path
+    keep: list[tuple[CheckpointInfo, str]] = field(default_factory=list)
+    remove: list[tuple[CheckpointInfo, str]] = field(default_factory=list)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(info.size_bytes for info, _ in self.remove)
+
+
+def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) -> PrunePlan:
+    """Keep the newest ``keep`` complete checkpoints (and every ``keep_every``-th step); remove the rest.
+
+    Damaged or incomplete folders are removed too, except the newest folder of all, which is never
+    touched; the newest complete checkpoint is always kept.
+    """
+    run_dir = Path(run_dir)
+    if keep < 1:
+        raise CheckpointError("--keep must be at least 1: the newest checkpoint is never deleted")
+    if keep_every is not None and keep_every < 1:
+        raise CheckpointError("--keep-every must be at least 1")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    found = list_checkpoints(run_dir)
+    plan = PrunePlan(run_dir)
+    complete = [c for c in found if c.complete]
+    newest_kept = {c.path for c in complete[-keep:]}
+    for info in found:
+        if info is found[-1]:
+            plan.keep.append((info, "newest" if info.complete else f"newest folder, {info.problem}"))
+        elif not info.complete:
+            plan.remove.append((info, info.problem or "unusable"))
+        elif info.path in newest_kept:
+            plan.keep.append((info, "newest complete" if info is complete[-1] else f"among the newest {keep}"))
+        elif keep_every and info.step % keep_every == 0:
+            plan.keep.append((info, f"milestone (every {keep_every})"))
+        else:
+            plan.remove.append((info, f"not among the newest {keep}"))
+    return plan
+
+
+def execute_prune(plan: PrunePlan) -> list[Path]:
+    """Delete what ``plan`` marks for removal; the newest complete checkpoint is re-checked and spared."""
+    newest = [c for c in list_checkpoints(plan.run_dir) if c.complete][-1:]
+    spared = {c.path.resolve() for c in newest}
+    removed = []
+    for info, _reason in plan.remove:
+        if info.path.resolve() in spared or not info.path.is_dir():
+            continue
+        _discard(info.path)
+        removed.append(info.path)
+    _fsync_dir(plan.run_dir)
+    return removed
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    source: Path
+    out: Path
+    weights: str  # "ema" or "model"
+    step: int
+    tensors: int
+    size_bytes: int
+    notes: list[str]
+
+
+def export_weights(path: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
+    """Write a checkpoint's EMA (else raw) weights as one safetensors file, model config in its metadata.
+
+    Read it back without ddpmctl's checkpoint code::
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from ddpmctl.model import UNet
+        from ddpmctl.config import ModelConfig
+        meta = safe_open(FILE, "pt").metadata()
+        model = UNet(ModelConfig(**json.loads(meta["model_config"])))
+        model.load_state_dict(load_file(FILE))
+    """
+    ckpt, notes = locate(path)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder: pass a file name such as {out / 'model.safetensors'}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists: pass --force to overwrite it")
+    meta = read_meta(ckpt)
+    config = meta.get("config", {})
+    if "model" not in config:
+        raise CheckpointError(f"{ckpt / META} holds no model config")
+    which = EMA if (ckpt / EMA).is_file() else MODEL
+    if which == MODEL:
+        notes.append(f"{ckpt.name} has no EMA weights; exported the raw weights")
+    weights = load_weights(ckpt, which)
+    metadata = {
+        "format": "pt",
+        "model_config": json.dumps(config["model"]),
+        "diffusion_config": json.dumps(config.get("diffusion", {})),
+        "weights": "ema" if which == EMA else "model",
+        "step": str(meta.get("step")),
+        "ddpmctl_version": str(meta.get("ddpmctl_version", "")),
+        "source": str(ckpt),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(weights, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {out}: {exc.strerror or exc}") from None
+    return ExportResult(ckpt, out, metadata["weights"], int(meta["step"]), len(weights), out.stat().st_size, notes)

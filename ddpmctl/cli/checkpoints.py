@@ -1,0 +1,137 @@
+"""``ddpmctl checkpoints list|prune|export``: look at a run's checkpoints, thin them out, export weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .. import checkpoints as ck
+from ..errors import CheckpointError
+from .common import console, err_console, handle_errors
+
+app = typer.Typer(
+    name="checkpoints",
+    help="List, prune and export a run's checkpoints.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RunDirArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder (WORKING_DIRECTORY/EXPERIMENT_NAME)",
+                                           show_default=False)]
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _when(info: ck.CheckpointInfo) -> str:
+    stamp = info.saved_at
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+
+def _list_table(found: list[ck.CheckpointInfo]) -> Table:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for name, justify in (("checkpoint", "left"), ("step", "right"), ("saved", "left"), ("size", "right"),
+                          ("EMA", "left"), ("loss", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("status")
+    for info in found:
+        loss = f"{info.loss:.4f}" if info.loss is not None else "-"
+        ema = ("yes" if info.has_ema else "no") if info.complete else "-"
+        table.add_row(info.name, str(info.step) if info.step >= 0 else "?", _when(info),
+                      human_size(info.size_bytes), ema, loss, "ok" if info.complete else info.problem)
+    return table
+
+
+def _plan_table(plan: ck.PrunePlan) -> Table:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for name, justify in (("checkpoint", "left"), ("step", "right"), ("size", "right"), ("action", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table.add_column("why")
+    rows = [(info, "keep", why) for info, why in plan.keep] + [(info, "delete", why) for info, why in plan.remove]
+    for info, action, why in sorted(rows, key=lambda r: (r[0].step, r[0].name)):
+        style = "red" if action == "delete" else "green"
+        table.add_row(info.name, str(info.step) if info.step >= 0 else "?", human_size(info.size_bytes),
+                      f"[{style}]{action}[/]", why)
+    return table
+
+
+@app.command("list")
+@handle_errors
+def list_cmd(run_dir: RunDirArg) -> None:
+    """Show a run's checkpoints: step, time, size, EMA or not, loss at save; damaged ones say why."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    found = ck.list_checkpoints(run_dir)
+    if not found:
+        console.print(f"{run_dir} holds no checkpoint", highlight=False)
+        return
+    console.print(_list_table(found), soft_wrap=True)
+    good = [c for c in found if c.complete]
+    total = sum(c.size_bytes for c in found)
+    newest = f"; resume uses {good[-1].name}" if good else "; none is usable"
+    console.print(f"{len(found)} checkpoint(s), {human_size(total)}{newest}", highlight=False)
+
+
+@app.command("prune")
+@handle_errors
+def prune_cmd(
+    run_dir: RunDirArg,
+    keep: Annotated[int, typer.Option("--keep", help="how many of the newest complete checkpoints to keep "
+                                      "(at least 1)", show_default=False)],
+    keep_every: Annotated[Optional[int], typer.Option("--keep-every", metavar="K", help="also keep every checkpoint "
+                                                      "whose step is a multiple of K (milestones)",
+                                                      show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only show what would be deleted")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="delete without asking")] = False,
+) -> None:
+    """Delete old checkpoints: shows the plan first, then asks (or --yes); never deletes the newest."""
+    plan = ck.plan_prune(run_dir, keep, keep_every)
+    if not plan.keep and not plan.remove:
+        console.print(f"{run_dir} holds no checkpoint", highlight=False)
+        return
+    console.print(_plan_table(plan), soft_wrap=True)
+    if not plan.remove:
+        console.print("nothing to delete", highlight=False)
+        return
+    summary = f"{len(plan.remove)} checkpoint(s) to delete, {human_size(plan.freed_bytes)} freed; {len(plan.keep)} kept"
+    console.print(summary, highlight=False)
+    if dry_run:
+        console.print("dry run: nothing deleted", highlight=False)
+        return
+    if not yes:
+        if not typer.confirm("Delete them?", default=False, err=True):
+            err_console.print("nothing deleted", highlight=False)
+            raise typer.Exit(1)
+    removed = ck.execute_prune(plan)
+    console.print(f"deleted {len(removed)} checkpoint(s): {', '.join(p.name for p in removed) or 'none'}",
+                  highlight=False)
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="a checkpoint folder, or a run "
+                                           "folder (its newest good checkpoint)", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE.safetensors", help="the file to write",
+                                      show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
+) -> None:
+    """Write the (EMA) weights as one .safetensors file with the model config in its metadata."""
+    result = ck.export_weights(source, out, overwrite=force)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(
+        f"wrote {result.out} ({result.weights} weights of {result.source.name}, step {result.step}, "
+        f"{result.tensors} tensors, {human_size(result.size_bytes)}); model config in its metadata "
+        "under 'model_config'", highlight=False,
+    )

@@ -1,0 +1,320 @@
+"""Checkpoint files: atomic saves, damage detection and fallback, safe loading, prune plans, list, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ddpmctl import checkpoints as ck
+from ddpmctl.cli.main import app
+from ddpmctl.config import ModelConfig
+from ddpmctl.errors import CheckpointError
+from ddpmctl.model import UNet
+
+runner = CliRunner()
+
+MODEL_CFG = {"img_size": 8, "starting_channels": 8, "channel_multipliers": [1, 2], "num_res_blocks": 1,
+             "attention_resolutions": [4], "num_heads": 2, "bottleneck_blocks": 1, "dropout": 0.0}
+
+
+def fake_checkpoint(run: Path, step: int, ema: bool = True, loss: float | None = 0.5) -> Path:
+    """A small but well-formed checkpoint (a real tiny UNet's weights), written by save_checkpoint."""
+    torch.manual_seed(step)
+    net = UNet(ModelConfig(**MODEL_CFG))
+    state = {"optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": step}, "rng": None}
+    meta = {"config": {"model": MODEL_CFG, "diffusion": {"num_diffusion_timesteps": 20}}, "loss": loss, "ema": ema}
+    ema_state = {k: v * 0.5 for k, v in net.state_dict().items()} if ema else None
+    return ck.save_checkpoint(run, step, net.state_dict(), state, meta, ema_state=ema_state)
+
+
+def rewrite_meta(path: Path) -> None:
+    """Record the current sizes and hashes in meta.json, as an attacker replacing a file would."""
+    meta = json.loads((path / ck.META).read_text())
+    for name in meta["files"]:
+        meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": ck._sha256(path / name)}
+    (path / ck.META).write_text(json.dumps(meta))
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), result.output
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, result.output
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def test_save_writes_complete_checkpoint_with_hashes_and_no_leftovers(tmp_path: Path) -> None:
+    path = fake_checkpoint(tmp_path, 7)
+    assert path == tmp_path / "checkpoint_7"
+    assert sorted(p.name for p in path.iterdir()) == sorted([ck.MODEL, ck.EMA, ck.STATE, ck.META])
+    meta = json.loads((path / ck.META).read_text())
+    assert meta["step"] == 7 and meta["format_version"] == ck.FORMAT_VERSION
+    assert set(meta["files"]) == {ck.MODEL, ck.EMA, ck.STATE}
+    for name, rec in meta["files"].items():
+        assert rec["size"] == (path / name).stat().st_size and rec["sha256"] == ck._sha256(path / name)
+    assert ck.inspect_checkpoint(path, verify_hashes=True).complete
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_7"]  # no temporary folder left
+
+
+def test_failed_save_leaves_run_folder_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_checkpoint(tmp_path, 1)
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        fake_checkpoint(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1"]
+    assert ck.inspect_checkpoint(tmp_path / "checkpoint_1", verify_hashes=True).complete
+
+
+def test_resave_of_same_step_replaces_it_and_killed_replacement_is_restored(tmp_path: Path) -> None:
+    first = fake_checkpoint(tmp_path, 3, loss=1.0)
+    fake_checkpoint(tmp_path, 3, loss=2.0)
+    assert ck.inspect_checkpoint(first).loss == 2.0
+    # A process killed between "move the old copy aside" and "move the new one in" leaves only .old-...
+    dead_pid = 2**22 + 12345  # above the usual pid_max: no live process has it
+    first.rename(tmp_path / f".old-checkpoint_3-{dead_pid}")
+    (tmp_path / f".tmp-checkpoint_4-{dead_pid}").mkdir()
+    (tmp_path / f".trash-checkpoint_1-{dead_pid}").mkdir()
+    ck.clean_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3"]
+    assert ck.inspect_checkpoint(tmp_path / "checkpoint_3", verify_hashes=True).complete
+
+
+def test_rotate_keeps_newest_complete_and_ignores_damaged(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step, ema=False)
+    (tmp_path / "checkpoint_5").mkdir()  # damaged newest: must not count as one of the kept
+    removed = ck.rotate(tmp_path, keep=2, protect=tmp_path / "checkpoint_4")
+    assert sorted(p.name for p in removed) == ["checkpoint_1", "checkpoint_2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3", "checkpoint_4", "checkpoint_5"]
+
+
+# ----------------------------------------------------------------------------- damage and fallback
+
+
+def test_truncated_newest_is_detected_and_resolve_falls_back_with_a_note(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        fake_checkpoint(tmp_path, step)
+    newest = tmp_path / "checkpoint_30"
+    with open(newest / ck.MODEL, "r+b") as fh:
+        fh.truncate(100)
+    info = ck.inspect_checkpoint(newest)
+    assert not info.complete and "model.safetensors is truncated" in info.problem
+    path, notes = ck.resolve_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoint_20"
+    assert len(notes) == 1 and "checkpoint_30 is damaged" in notes[0] and "using checkpoint_20" in notes[0]
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2)
+    state = tmp_path / "checkpoint_2" / ck.STATE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert ck.inspect_checkpoint(tmp_path / "checkpoint_2").complete  # sizes alone cannot see it
+    path, notes = ck.resolve_checkpoint(tmp_path, "latest")
+    assert path.name == "checkpoint_1" and "does not match its checksum" in notes[0]
+    with pytest.raises(CheckpointError, match="checkpoint_2 is damaged"):
+        ck.resolve_checkpoint(tmp_path, "checkpoint_2")  # named explicitly: no silent substitute
+
+
+def test_folder_without_completion_marker_is_never_used(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, 1)
+    half = fake_checkpoint(tmp_path, 2)
+    (half / ck.META).unlink()
+    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_1"
+    (tmp_path / "checkpoint_1" / ck.META).write_text("{not json")
+    with pytest.raises(CheckpointError) as err:
+        ck.resolve_checkpoint(tmp_path)
+    message = str(err.value)
+    assert "no usable checkpoint" in message and "checkpoint_1 (damaged: meta.json is unreadable)" in message
+    assert "checkpoint_2 (incomplete: no meta.json" in message
+
+
+def test_named_checkpoint_accepts_number_and_notes_newer_ones(tmp_path: Path) -> None:
+    for step in (5, 10):
+        fake_checkpoint(tmp_path, step)
+    path, notes = ck.resolve_checkpoint(tmp_path, "5")
+    assert path == tmp_path / "checkpoint_5" and "checkpoint_10" in notes[0]
+    with pytest.raises(CheckpointError, match="checkpoint_7 not found .* it holds: checkpoint_5, checkpoint_10"):
+        ck.resolve_checkpoint(tmp_path, "checkpoint_7")
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+class Payload:
+    """Unpickling this would write a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_pickle_payload_in_training_state_is_refused_and_never_runs(tmp_path: Path) -> None:
+    path = fake_checkpoint(tmp_path, 1)
+    marker = tmp_path / "marker"
+    torch.save({"optimizer": Payload(marker), "scheduler": {}}, path / ck.STATE)
+    rewrite_meta(path)  # sizes and hashes match: only weights_only stands in the way
+    assert ck.inspect_checkpoint(path, verify_hashes=True).complete
+    with pytest.raises(CheckpointError) as err:
+        ck.load_training_state(path)
+    message = str(err.value)
+    assert "refusing to load" in message and "pickled Python object" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_garbage_files_are_one_line_errors(tmp_path: Path) -> None:
+    path = fake_checkpoint(tmp_path, 1)
+    (path / ck.STATE).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="cannot read .*training_state.pt"):
+        ck.load_training_state(path)
+    (path / ck.MODEL).write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
+        ck.load_weights(path)
+    torch.save([1, 2, 3], path / ck.STATE)  # loads, but is not a training state
+    with pytest.raises(CheckpointError, match="not a ddpmctl training state"):
+        ck.load_training_state(path)
+
+
+def test_truncate_metrics_drops_replayed_and_torn_rows(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
+    metrics.write_text("\n".join(rows) + '\n{"step": 5, "lo')
+    assert ck.truncate_metrics(metrics, 2) == 3
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    assert ck.truncate_metrics(metrics, 2) == 0
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+def test_prune_plan_keep_rules(tmp_path: Path) -> None:
+    for step in (100, 200, 300, 400, 500, 600):
+        fake_checkpoint(tmp_path, step, ema=False)
+    (tmp_path / "checkpoint_250").mkdir()  # damaged, older than the newest: removed
+    plan = ck.plan_prune(tmp_path, keep=2, keep_every=200)
+    kept = {info.name: why for info, why in plan.keep}
+    gone = {info.name: why for info, why in plan.remove}
+    assert kept == {"checkpoint_200": "milestone (every 200)", "checkpoint_400": "milestone (every 200)",
+                    "checkpoint_500": "among the newest 2", "checkpoint_600": "newest"}
+    assert set(gone) == {"checkpoint_100", "checkpoint_250", "checkpoint_300"}
+    assert gone["checkpoint_250"].startswith("incomplete")
+    assert plan.freed_bytes > 0
+    assert ck.plan_prune(tmp_path, keep=10).remove == [(info, why) for info, why in plan.remove
+                                                       if info.name == "checkpoint_250"]
+    with pytest.raises(CheckpointError, match="at least 1"):
+        ck.plan_prune(tmp_path, keep=0)
+
+
+def test_prune_never_deletes_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2):
+        fake_checkpoint(tmp_path, step, ema=False)
+    (tmp_path / "checkpoint_3").mkdir()  # the newest folder is damaged: left alone, and checkpoint_2 kept
+    plan = ck.plan_prune(tmp_path, keep=1)
+    assert [i.name for i, _ in plan.keep] == ["checkpoint_2", "checkpoint_3"]
+    assert [i.name for i, _ in plan.remove] == ["checkpoint_1"]
+    # Even a stale plan that names the newest complete checkpoint spares it.
+    plan.remove.append((ck.inspect_checkpoint(tmp_path / "checkpoint_2"), "forced"))
+    assert [p.name for p in ck.execute_prune(plan)] == ["checkpoint_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3"]
+
+
+def test_prune_cli_dry_run_confirmation_and_yes(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step, ema=False)
+    names = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint_1" in result.output and "delete" in result.output and "dry run: nothing deleted" in result.output
+    assert names() == ["checkpoint_1", "checkpoint_2", "checkpoint_3"]
+
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "1"], input="n\n")
+    assert result.exit_code == 1 and "nothing deleted" in result.output
+    assert names() == ["checkpoint_1", "checkpoint_2", "checkpoint_3"]
+
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "2"], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 checkpoint(s): checkpoint_1" in result.output
+    assert names() == ["checkpoint_2", "checkpoint_3"]
+
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert result.exit_code == 0 and names() == ["checkpoint_3"]
+
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "0", "--yes"]),
+                          "--keep must be at least 1")
+
+
+# ----------------------------------------------------------------------------- list and export
+
+
+def test_list_cli_shows_table_and_damage(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, 5, ema=True, loss=0.1234)
+    fake_checkpoint(tmp_path, 10, ema=False, loss=None)
+    (tmp_path / "checkpoint_15").mkdir()
+    result = runner.invoke(app, ["checkpoints", "list", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    row5 = next(line for line in lines if line.startswith("checkpoint_5 "))
+    row10 = next(line for line in lines if line.startswith("checkpoint_10 "))
+    row15 = next(line for line in lines if line.startswith("checkpoint_15 "))
+    assert "yes" in row5 and "0.1234" in row5 and "KB" in row5 and "ok" in row5
+    assert " no " in row10 and "ok" in row10
+    assert "incomplete" in row15
+    assert "3 checkpoint(s)" in result.output and "resume uses checkpoint_10" in result.output
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(tmp_path / "nope")]), "does not exist")
+
+
+def test_export_writes_ema_weights_loadable_with_plain_safetensors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fake_checkpoint(run, 3)
+    out = tmp_path / "export" / "model.safetensors"
+    result = runner.invoke(app, ["checkpoints", "export", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "ema weights of checkpoint_3" in " ".join(result.output.split())
+    # Plain safetensors + the UNet class: no ddpmctl checkpoint code involved.
+    with safe_open(str(out), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["weights"] == "ema" and meta["step"] == "3"
+    model = UNet(ModelConfig(**json.loads(meta["model_config"])))
+    model.load_state_dict(load_file(str(out)))
+    expected = load_file(str(run / "checkpoint_3" / ck.EMA))
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "export", str(run), "--out", str(out)]),
+                          "already exists", "--force")
+    fake_checkpoint(run, 4, ema=False)
+    result = runner.invoke(app, ["checkpoints", "export", str(run / "checkpoint_4"), "--out", str(out), "--force"])
+    assert result.exit_code == 0 and "no EMA weights" in result.output
+    with safe_open(str(out), "pt") as fh:
+        assert fh.metadata()["weights"] == "model"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "export", str(tmp_path / "x"), "--out", str(out)]),
+                          "does not exist")
+
+
+def test_scratch_folders_of_live_processes_are_left_alone(tmp_path: Path) -> None:
+    mine = tmp_path / f".tmp-checkpoint_9-{os.getppid()}"  # the parent process is alive
+    mine.mkdir()
+    ck.clean_stale_temporaries(tmp_path)
+    assert mine.is_dir()
+    shutil.rmtree(mine)
