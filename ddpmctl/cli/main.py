@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
+from .checkpoints import app as checkpoints_app
 from .evaluate import evaluate_cmd
 from .options import UNDERSCORE_ALIASES
 from .prepare import prepare_cmd
@@ -44,6 +45,7 @@ app.command("resume", help="Continue a run from its latest checkpoint; its confi
 app.command("sample")(sample_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("prepare")(prepare_cmd)
+app.add_typer(checkpoints_app, name="checkpoints")
 
 
 def main() -> None:
