@@ -6,7 +6,7 @@ share this module:
 1. ``-m ddpmctl train``: trains, writes each checkpoint once, only rank 0 prints or writes.
 2. ``-m ddpmctl resume`` from a copy of launch 1's middle checkpoint: ends bit-for-bit where launch 1
    ended, which needs each rank's RNG state and data position restored.
-3. the same CLI with per-sample noise (see ``DETERMINISTIC_NOISE``), stopped by SIGTERM sent to the
+3. the same CLI with per-sample noise (``HELPER``'s noise mode), stopped by SIGTERM sent to the
    launcher: saves exactly one good checkpoint; its losses, gradient norms and weights match a
    single process with the same global batch; and a single process resumes it (world size 2 -> 1).
 
@@ -65,12 +65,23 @@ TINY = {
     "logging": {"log_interval": 1, "num_keep_checkpoints": 5},
 }
 
-DETERMINISTIC_NOISE = '''
-"""ddpmctl's CLI with noise and timesteps drawn from each training image's pixels (test helper)."""
+HELPER = '''
+"""ddpmctl's CLI with one test patch, named by the first argument (test helper).
+
+noise: each sample's noise and timestep come from its pixels, not from the rank's RNG.
+slow-grid: the default process group times out after SHORT seconds, and rank 0 takes longer than
+that to sample each evaluation grid, so the other ranks must wait for it somewhere else.
+"""
+import datetime
+import sys
+import time
+
 import torch
+import torch.distributed as dist
 
 from ddpmctl import data, engine
 
+SHORT = 4.0
 _current = {}
 _next = data.BatchStream.__next__
 
@@ -106,8 +117,22 @@ def install(set_attr=setattr):
     set_attr(engine, "torch", DeterministicTorch())
 
 
+def install_slow_grid():
+    init, sample = dist.init_process_group, engine.sample
+
+    def short_init(*args, **kwargs):
+        kwargs["timeout"] = datetime.timedelta(seconds=SHORT)
+        return init(*args, **kwargs)
+
+    def slow_sample(*args, **kwargs):
+        time.sleep(SHORT * 1.5)
+        return sample(*args, **kwargs)
+
+    dist.init_process_group, engine.sample = short_init, slow_sample
+
+
 if __name__ == "__main__":
-    install()
+    {"noise": install, "slow-grid": install_slow_grid}[sys.argv.pop(1)]()
     from ddpmctl.cli.main import main
 
     main()
@@ -198,23 +223,37 @@ def test_two_processes_train_with_rank_0_alone_writing_and_printing(ws, two_rank
     assert (rank_dirs["1"] / "stderr.log").read_text() == ""
 
 
-def test_resume_under_two_processes_ends_where_the_uninterrupted_run_ended(ws, two_rank_run):
+@pytest.fixture(scope="module")
+def helper(ws: Path):
+    path = ws / "ddpmctl_patched.py"
+    path.write_text(HELPER)
+    spec = importlib.util.spec_from_file_location("ddpmctl_patched", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_resume_under_two_processes_ends_where_the_uninterrupted_run_ended(ws, two_rank_run, helper):
     """Launch 2: resume a copy of checkpoint_3; steps 4-6 must repeat launch 1 exactly.
 
     That needs each rank's own RNG state (noise, timesteps, flips) and data position back; any
     perturbation (rank 0's evaluation grid drawing from the training RNG, ranks swapping states, an
-    epoch restarted) changes the weights.
+    epoch restarted) changes the weights. It runs in the helper's slow-grid mode: the default
+    process group times out after 4 s and rank 0 spends 6 s on the step-6 grid, so rank 1 must wait
+    for it on the long-timeout host group (a wait on the default group would fail the run).
     """
     run_dir, _ = two_rank_run
+    script, _ = helper
     copy = ws / "work" / "b"
     copy.mkdir()
     shutil.copy(run_dir / "config.yaml", copy / "config.yaml")
     shutil.copytree(run_dir / "checkpoint_3", copy / "checkpoint_3")
-    proc = run_cli(torchrun_cmd("-m", "ddpmctl", "resume", "--experiment-name", "b", "--working-directory",
-                                str(ws / "work")), ws)
+    proc = run_cli(torchrun_cmd(str(script), "slow-grid", "resume", "--experiment-name", "b",
+                                "--working-directory", str(ws / "work")), ws)
     output = proc.stdout + proc.stderr
     assert output.count("world size 2") == 1 and "resuming at step 3 of 6" in output, output
     assert "world size changed" not in output
+    assert (ws / "gen" / "b" / "step_6.png").is_file()
     for name in (checkpoints.MODEL, checkpoints.EMA):
         want, got = weights(run_dir / "checkpoint_6", name), weights(copy / "checkpoint_6", name)
         for key in want:
@@ -225,14 +264,6 @@ def test_resume_under_two_processes_ends_where_the_uninterrupted_run_ended(ws, t
 # ----------------------------------------------------------------------------- launch 3: SIGTERM, equivalence
 
 
-@pytest.fixture(scope="module")
-def helper(ws: Path):
-    path = ws / "deterministic_noise.py"
-    path.write_text(DETERMINISTIC_NOISE)
-    spec = importlib.util.spec_from_file_location("deterministic_noise", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return path, module
 
 
 # 24 channels, not 8: GroupNorm then holds several channels per group. With one channel per group, conv
@@ -247,7 +278,7 @@ def sigterm_run(ws: Path, helper) -> tuple[Path, str, subprocess.Popen]:
     """Launch 3: a long two-rank run with per-sample noise, SIGTERM to torchrun after its first steps."""
     script, _ = helper
     log = open(ws / "sigterm.log", "w+")  # noqa: SIM115 - read after the process ends
-    proc = subprocess.Popen(torchrun_cmd(str(script), "train", *common_args(ws, "s"), *LONG), cwd=ws,
+    proc = subprocess.Popen(torchrun_cmd(str(script), "noise", "train", *common_args(ws, "s"), *LONG), cwd=ws,
                             env=clean_env(columns=300), stdout=log, stderr=subprocess.STDOUT, text=True)
     metrics_file = ws / "work" / "s" / "metrics.jsonl"
     deadline = time.monotonic() + 240
