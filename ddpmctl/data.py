@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import DataError
 from .prepare import (
@@ -69,7 +69,7 @@ class ImageFolderDataset(Dataset):
             path = self.files[(idx + attempt) % len(self.files)]
             try:
                 # Same conversion as `ddpmctl prepare` (EXIF, 16-bit, alpha), with the reduced JPEG decode.
-                return pil_to_uint8(load_square(path, self.img_size, "center"))
+                return pil_to_uint8(load_square(path, self.img_size, "center", fast=True))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
         raise DataError(f"no readable image near {self.files[idx]}; run 'ddpmctl prepare' to find the broken files")
@@ -100,8 +100,12 @@ class PackedDataset(Dataset):
     """A packed uint8 (count, 3, S, S) .npy array, memory-mapped: no decoding at all during training.
 
     ``__getitems__`` (used by DataLoader for a whole batch) reads the batch with one fancy-indexing
-    gather from the page cache instead of one Python call per image.
+    gather from the page cache instead of one Python call per image. A gather costs well under a
+    millisecond, less than handing a batch over from a worker process, so BatchStream reads a packed
+    array in the training process (``in_process``) whatever --num-workers says.
     """
+
+    in_process = True
 
     def __init__(self, path: str | Path, img_size: int):
         self.path = Path(path)
@@ -130,9 +134,22 @@ class PackedDataset(Dataset):
     def __getitem__(self, idx: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.array[idx]))
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> PackedBatch:
         batch = torch.from_numpy(self.array[np.asarray(indices, dtype=np.int64)])  # (B, 3, S, S), one gather
-        return list(batch.unbind(0))  # default_collate stacks them back with one copy
+        return PackedBatch(batch)
+
+    @staticmethod
+    def collate_fn(items: list) -> torch.Tensor:
+        """Collate for DataLoader: a gathered batch is already one tensor (no per-image stack)."""
+        return items.batch if isinstance(items, PackedBatch) else default_collate(items)
+
+
+class PackedBatch(list):
+    """The images of a gathered batch as a list of views (so default_collate still works) plus the whole tensor."""
+
+    def __init__(self, batch: torch.Tensor):
+        super().__init__(batch.unbind(0))
+        self.batch = batch
 
 
 def _prepared_dataset(root: Path, manifest: dict, img_size: int) -> tuple[Dataset, str]:
@@ -151,7 +168,8 @@ def _prepared_dataset(root: Path, manifest: dict, img_size: int) -> tuple[Datase
         if pack.get("digest") == pack_digest(manifest) and pack.get("count") == len(files):
             dataset = PackedDataset(pack_path, img_size)
             if len(dataset) == len(files):
-                return dataset, f"{len(dataset)} images from {pack_path} ({img_size}px, packed, memory-mapped)"
+                return dataset, (f"{len(dataset)} images from {pack_path} ({img_size}px, packed, memory-mapped, "
+                                 "read in the training process)")
         stale = f"; {pack_path.name} is out of date, rerun 'ddpmctl prepare --pack' to refresh it"
     else:
         stale = "; 'ddpmctl prepare --pack' would skip decoding altogether"
@@ -178,7 +196,8 @@ def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]
         dataset = PackedDataset(root, img_size)
         if len(dataset) == 0:
             raise DataError(f"{root} holds no images")
-        return dataset, f"{len(dataset)} images from {root} ({img_size}px, packed, memory-mapped)"
+        return dataset, (f"{len(dataset)} images from {root} ({img_size}px, packed, memory-mapped, "
+                         "read in the training process)")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass --path-to-data with a folder of images")
     manifest = read_manifest(root)
@@ -223,10 +242,13 @@ class BatchStream:
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        if getattr(dataset, "in_process", False):  # nothing to decode: worker processes would only add copies
+            num_workers = 0
         self.batch_size = batch_size
         # A private generator keeps the loader from drawing worker seeds out of the global RNG.
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            collate_fn=getattr(dataset, "collate_fn", None),  # PackedDataset: its batch is already one tensor
             pin_memory=pin_memory, drop_last=False, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
         )

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -108,12 +109,13 @@ def _target(w: int, h: int, size: int, crop: str) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def square(im: Image.Image, size: int, crop: str = "center", background: tuple[int, int, int] = (255, 255, 255)
-           ) -> Image.Image:
-    """An RGB image -> exactly size x size: scale (antialiased Lanczos), then cut the centre or pad the sides."""
+def square(im: Image.Image, size: int, crop: str = "center", background: tuple[int, int, int] = (255, 255, 255),
+           fast: bool = False) -> Image.Image:
+    """An RGB image -> exactly size x size: scale (antialiased; Lanczos, or bicubic if fast), then crop or pad."""
     tw, th = _target(im.width, im.height, size, crop)
     if (tw, th) != im.size:
-        im = im.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        resample = Image.Resampling.BICUBIC if fast else Image.Resampling.LANCZOS
+        im = im.resize((tw, th), resample, reducing_gap=3.0)
     if crop == "center":
         left, top = (tw - size) // 2, (th - size) // 2
         return im.crop((left, top, left + size, top + size)) if (tw, th) != (size, size) else im
@@ -139,19 +141,24 @@ def is_small(w: int, h: int, size: int, crop: str) -> bool:
 
 
 def load_square(source: str | Path | bytes | Image.Image, size: int, crop: str = "center",
-                background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Decode a file the right way up (EXIF orientation, first frame) into an RGB size x size image."""
+                background: tuple[int, int, int] = (255, 255, 255), fast: bool = False) -> Image.Image:
+    """Decode a file the right way up (EXIF orientation, first frame) into an RGB size x size image.
+
+    ``fast`` (training on an unprepared folder): JPEGs decode at the smallest DCT scale that still
+    covers the target and resizing is bicubic; otherwise (prepare) quality comes first.
+    """
     im = source if isinstance(source, Image.Image) else open_image(source)
     try:
         if im.format in ("JPEG", "MPO"):  # MPO: the JPEG variant many phones write
-            # Request a reduced DCT decode that keeps DRAFT_GAP x the target size (orientation-independent:
+            # Request a reduced DCT decode that keeps `gap` x the target size (orientation-independent:
             # the request is proportional to the stored width and height).
+            gap = 1.0 if fast else DRAFT_GAP
             tw, th = _target(im.width, im.height, size, crop)
-            if tw * DRAFT_GAP < im.width:
-                im.draft(None, (int(tw * DRAFT_GAP), int(th * DRAFT_GAP)))
+            if tw * gap < im.width:
+                im.draft(None, (int(tw * gap), int(th * gap)))
         im.load()  # full decode: truncated data is an error here (LOAD_TRUNCATED_IMAGES stays False)
         oriented = ImageOps.exif_transpose(im)
-        return square(to_rgb(oriented, background), size, crop, background)
+        return square(to_rgb(oriented, background), size, crop, background, fast)
     finally:
         if im is not source:
             im.close()
@@ -213,7 +220,9 @@ def _process(job: tuple[str, str, str | None, Settings]) -> dict[str, Any]:
             return {**result, "status": "small_skipped"}
         rgb = load_square(im, s.size, s.crop, s.background)
         buf = io.BytesIO()
-        rgb.save(buf, format="PNG")
+        # zlib's run-length strategy: about the size of the default on photos and flat art, 5-7x faster to
+        # write and ~30% faster to decode (measured on 128 px images), which is what training waits on.
+        rgb.save(buf, format="PNG", compress_type=zlib.Z_RLE)
         png = buf.getvalue()
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = f"{out}.tmp{os.getpid()}"
