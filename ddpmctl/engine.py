@@ -309,6 +309,7 @@ class _Trainer:
 
     def _resume_point(self) -> tuple[Path | None, list[str]]:
         which = self.cfg.training.resume_from_checkpoint
+        barrier(self.dist)  # under torchrun every rank looks for checkpoints only after that
         if not which:
             existing = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
             if existing:
@@ -359,11 +360,12 @@ class _Trainer:
         self.resumed_from = resume_path
 
         self.train_model: nn.Module = self.model
-        if t.compile:
-            self.train_model = torch.compile(self.model)
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            self.train_model = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        if t.compile:  # after DDP, as PyTorch advises: Dynamo then splits the graph at DDP's buckets
+            self.train_model = torch.compile(self.train_model)
 
     def _load(self, path: Path) -> None:
         meta = checkpoints.read_meta(path)
@@ -481,8 +483,8 @@ class _Trainer:
         x_t = diffusion.q_sample(self.schedule, x0, t, noise)
         target = diffusion.training_target(self.schedule, x0, t, noise)
         sync = contextlib.nullcontext()
-        if accumulating and isinstance(self.train_model, DistributedDataParallel):
-            sync = self.train_model.no_sync()  # all-reduce gradients only on the last micro-batch
+        if accumulating and self.ddp is not None:
+            sync = self.ddp.no_sync()  # all-reduce gradients only on the last micro-batch
         with sync:
             with self.precision.autocast():
                 pred = self.train_model(x_t, t)
