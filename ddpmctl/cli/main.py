@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from .checkpoints import app as checkpoints_app
+from .doctor import doctor_cmd
 from .evaluate import evaluate_cmd
 from .options import UNDERSCORE_ALIASES
 from .prepare import prepare_cmd
@@ -46,6 +47,7 @@ app.command("sample")(sample_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("prepare")(prepare_cmd)
 app.add_typer(checkpoints_app, name="checkpoints")
+app.command("doctor", context_settings=UNDERSCORE_ALIASES)(doctor_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,672 @@
+"""``ddpmctl doctor`` as data: what this machine has, what a model config needs, and what will fit.
+
+Three parts, none of which prints:
+
+* :func:`environment` - OS, Python, torch, backends (CUDA, MPS, CPU), torch.compile, DataLoader advice,
+  and checks that fail with the fix.
+* :func:`probe` - real training steps (forward, backward, AdamW, EMA, at the training precision) at a few
+  batch sizes in a child process (``python -m ddpmctl.doctor_child``), so an out-of-memory error or a stuck
+  allocator cannot take the caller down; peak memory = a + b * batch by least squares; the largest batch
+  that fits the budget with headroom; the measured images/s.
+* :func:`suggestions` - a "scaling guidelines" table (image sizes x starting channels) where each cell is
+  the largest batch that fits and its speed: measured, or (quick mode) extrapolated from the measured cell
+  through each model's activation size and FLOPs counted on the ``meta`` device; then one recommended
+  ``--batch-size B --gradient-accumulation-steps A``.
+
+:func:`run_doctor` ties them together into a :class:`DoctorReport` (``dataclasses.asdict`` gives the JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import Config, apply_overrides, to_dict
+from .doctor_child import available_ram, meminfo_bytes
+from .errors import ConfigError
+from .runtime import build_model, mps_available, select_device
+
+SCHEMA_VERSION = 1
+DEFAULT_IMG_SIZES = (64, 128, 256)
+DEFAULT_CHANNELS = (64, 96, 128)
+# Bytes each parameter costs in training, whatever the batch: fp32 weight, gradient, AdamW m and v, EMA copy.
+BYTES_PER_PARAMETER = 20
+# With one measured point only, the slope is the model's saved activations per image times this prior
+# (peak memory during backward holds the activations plus gradients of the largest ones).
+ONE_POINT_SLOPE_PRIOR = 1.5
+MPS_DEFAULT_HIGH_WATERMARK = 1.7  # torch's default PYTORCH_MPS_HIGH_WATERMARK_RATIO
+MPS_CHILD_HIGH_WATERMARK = "1.0"  # in the probe: fail at the recommended maximum instead of swapping
+
+
+# ----------------------------------------------------------------------------- the report, as data
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn, fail or info
+    detail: str
+    fix: str | None = None  # what to do when the status is warn or fail
+
+
+@dataclass
+class Environment:
+    os: str
+    machine: str
+    python: str
+    torch: str
+    torch_cuda_build: str | None
+    ddpmctl: str
+    cpu_cores: int
+    torch_threads: int
+    ram_total_bytes: int | None
+    ram_available_bytes: int | None
+    backend: str  # the one training would use (cuda, mps or cpu)
+    cuda: dict[str, Any]
+    mps: dict[str, Any]
+    torch_compile: dict[str, Any]
+    dataloader: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+
+
+@dataclass
+class Fit:
+    """Peak memory model: intercept + slope * batch, in bytes."""
+
+    intercept: float
+    slope: float
+    points: int
+    source: str  # "least squares over N points" or how it was derived
+
+    def predict(self, batch: int) -> float:
+        return self.intercept + self.slope * batch
+
+    def max_batch(self, budget: float, headroom: float) -> int:
+        """Largest batch whose predicted peak stays under budget * (1 - headroom); 0 if not even one fits."""
+        usable = budget * (1 - headroom)
+        if self.slope <= 0:
+            return 0 if self.intercept > usable else 1 << 20
+        return max(0, math.floor((usable - self.intercept) / self.slope + 1e-9))
+
+
+@dataclass
+class Point:
+    phase: str  # fit, verify or bisect
+    batch: int
+    oom: bool
+    peak_bytes: int | None
+    seconds: float | None  # per step
+    images_per_sec: float | None
+    error: str | None = None
+
+
+@dataclass
+class Probe:
+    img_size: int
+    starting_channels: int
+    backend: str
+    device: str
+    precision: str
+    precision_note: str | None
+    parameters: int
+    budget_bytes: int
+    headroom: float
+    points: list[Point]
+    fit: Fit | None
+    max_batch: int | None  # largest batch that fits with headroom (None: no usable measurement)
+    images_per_sec: float | None  # measured, at images_per_sec_batch
+    images_per_sec_batch: int | None
+    largest_batch_bisected: int | None  # --full on an accelerator: the real largest batch (first OOM - 1)
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    img_size: int
+    starting_channels: int
+    parameters: int
+    max_batch: int | None
+    images_per_sec: float | None
+    measured: bool
+    source: str  # "measured" or what it was extrapolated from
+
+
+@dataclass
+class Recommendation:
+    batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch: int
+    images_per_sec: float | None
+    num_training_steps: int
+    estimated_seconds: float | None  # num_training_steps * effective batch / images per second
+    command: str
+
+
+@dataclass
+class DoctorReport:
+    schema: int
+    mode: str  # quick or full
+    seconds: float
+    environment: Environment
+    probe: Probe | None
+    table: list[Cell]
+    img_sizes: list[int]
+    channels: list[int]
+    recommendation: Recommendation | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def fit_line(points: list[tuple[int, float]]) -> Fit | None:
+    """Least-squares peak = a + b * batch over (batch, peak) points; None with fewer than two batch sizes."""
+    if len({b for b, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(b for b, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (y - my) for b, y in points) / sxx
+    return Fit(my - slope * mx, slope, n, f"least squares over {n} measured batch sizes")
+
+
+def limit_by_oom(max_batch: int, points: list[Point]) -> int:
+    """A batch that ran out of memory bounds the answer, whatever the fit says."""
+    failed = [p.batch for p in points if p.oom]
+    return min([max_batch] + [b - 1 for b in failed])
+
+
+def recommend(max_batch: int, target_effective: int) -> tuple[int, int]:
+    """(batch, accumulation) with batch <= max_batch and batch * accumulation >= target, batch as even as can be."""
+    if max_batch < 1:
+        raise ValueError("nothing fits")
+    accum = math.ceil(target_effective / min(max_batch, target_effective))
+    return math.ceil(target_effective / accum), accum
+
+
+# ----------------------------------------------------------------------------- model cost on the meta device
+
+
+@dataclass
+class ModelCost:
+    parameters: int
+    activation_bytes: int  # saved for backward, per image, fp32
+    flops: float  # forward + backward per image (3x forward)
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Stands in for a fused attention kernel: keeps q, k, v, out and the log-sum-exp, not the N x N matrix."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1]))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover - never run
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def _attention_as(kind: str, extra_flops: list[float]) -> Iterator[None]:
+    """Model the attention of ``kind``: 'flash' (CUDA, CPU kernels) or 'math' (the explicit MPS path)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: Any) -> torch.Tensor:
+        if kind == "math":
+            weights = torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1)
+            return weights @ v
+        b, h, n, d = q.shape
+        extra_flops.append(4.0 * b * h * n * n * d)  # QK^T and AV, 2 flops per multiply-add
+        return _FlashLikeAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def model_cost(cfg: Config, attention: str = "flash") -> ModelCost:
+    """Parameters, activation bytes saved per image and FLOPs per image, from one forward on ``meta``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+    keep: list[torch.Tensor] = []  # keep the saved tensors alive so storage ids stay unique
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in param_storages:
+            saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+            keep.append(t)
+        return t
+
+    size = cfg.model.img_size
+    extra: list[float] = []
+    x = torch.empty(1, 3, size, size, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    with _attention_as(attention, extra), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with FlopCounterMode(display=False) as counter:
+            model(x, t)
+    return ModelCost(sum(p.numel() for p in model.parameters()), sum(saved.values()),
+                     3.0 * (counter.get_total_flops() + sum(extra)))
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def total_ram() -> int | None:
+    value = meminfo_bytes("MemTotal")
+    if value is None and sys.platform == "darwin":
+        out = _run(["sysctl", "-n", "hw.memsize"])
+        value = int(out) if out and out.isdigit() else None
+    return value
+
+
+def cpu_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def mps_watermark(env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """(what is in force, a problem with it or None) for PYTORCH_MPS_HIGH_WATERMARK_RATIO."""
+    raw = (env if env is not None else os.environ).get("PYTORCH_MPS_HIGH_WATERMARK_RATIO")
+    if raw is None:
+        return f"unset (torch default {MPS_DEFAULT_HIGH_WATERMARK} x recommended maximum)", None
+    try:
+        value = float(raw)
+    except ValueError:
+        return raw, f"PYTORCH_MPS_HIGH_WATERMARK_RATIO={raw!r} is not a number; MPS will refuse to start"
+    if value == 0:
+        return raw, "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0 removes the memory limit: a batch too large can freeze macOS"
+    if not 0 < value <= 2:
+        return raw, f"PYTORCH_MPS_HIGH_WATERMARK_RATIO={raw} is outside (0, 2]; MPS will refuse to start"
+    return raw, None
+
+
+def child_env(backend: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The probe's environment: on MPS, a high watermark of 1.0 (never 0) so it fails where it should."""
+    env = dict(os.environ if base is None else base)
+    if backend == "mps":
+        env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"] = MPS_CHILD_HIGH_WATERMARK
+        try:
+            low = float(env.get("PYTORCH_MPS_LOW_WATERMARK_RATIO", "nan"))
+        except ValueError:
+            low = math.nan
+        # torch refuses a low watermark above the high one (its unified-memory default is 1.4).
+        env["PYTORCH_MPS_LOW_WATERMARK_RATIO"] = str(low) if 0 < low <= 1.0 else MPS_CHILD_HIGH_WATERMARK
+    return env
+
+
+def compile_prerequisites(backend: str) -> tuple[str, str | None]:
+    """Quick look at what torch.compile needs here, without compiling: (status, problem or None)."""
+    if sys.platform == "win32":
+        return "warn", "torch.compile's default backend does not support Windows; leave --compile off"
+    if backend == "mps":
+        return "warn", "torch.compile on MPS is experimental in torch; leave --compile off on a Mac"
+    if backend == "cuda" and importlib.util.find_spec("triton") is None:
+        return "fail", "triton is not installed, so torch.compile cannot build GPU kernels: pip install triton"
+    if backend == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        return "fail", "no C compiler on PATH for torch.compile's CPU kernels: install gcc/clang, or leave --compile off"
+    return "ok", None
+
+
+def dataloader_advice(backend: str, cores: int, cfg: Config) -> tuple[dict[str, Any], Check]:
+    workers = max(0, min(cores - 1, 8)) if backend != "mps" else max(0, min(cores - 2, 4))
+    advice = {
+        "num_workers": workers, "pin_memory": backend == "cuda", "persistent_workers": workers > 0,
+        "reason": ("pinned host memory only speeds up copies to a CUDA GPU; MPS shares memory with the CPU, so "
+                   "pin_memory stays off there (ddpmctl sets it itself)"),
+    }
+    configured = cfg.data.num_workers
+    if configured > cores:
+        return advice, Check("dataloader workers", "warn", f"num_workers {configured} > {cores} CPU cores",
+                             f"--num-workers {workers}")
+    return advice, Check("dataloader workers", "ok", f"num_workers {configured}; {workers} suits {cores} cores")
+
+
+def environment(cfg: Config, backend: str, compile_result: dict[str, Any] | None = None) -> Environment:
+    """What this machine and this Python have; accelerator figures are filled in by the probe's child."""
+    checks: list[Check] = []
+    cores = cpu_cores()
+    ram_avail, ram_total = available_ram(), total_ram()
+    cuda_build = torch.version.cuda
+    cuda = {"available": torch.cuda.is_available(), "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "build": cuda_build}
+    if not cuda["available"] and shutil.which("nvidia-smi") and not cuda_build:
+        checks.append(Check("CUDA", "fail", "an NVIDIA driver is installed but this torch build has no CUDA",
+                            "install a CUDA build of torch (see pytorch.org/get-started)"))
+    elif cuda["available"]:
+        checks.append(Check("CUDA", "ok", f"{cuda['device_count']} GPU(s), CUDA {cuda_build}"))
+    mps_built = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_built())
+    in_force, problem = mps_watermark()
+    mps = {"available": mps_available(), "built": mps_built, "high_watermark_ratio": in_force,
+           "probe_high_watermark_ratio": MPS_CHILD_HIGH_WATERMARK}
+    if sys.platform == "darwin":
+        if platform.machine() == "x86_64" and _run(["sysctl", "-n", "sysctl.proc_translated"]) == "1":
+            checks.append(Check("MPS", "fail", "this Python runs under Rosetta (x86_64), so MPS is not available",
+                                "install an arm64 Python (python.org or Homebrew) and reinstall torch"))
+        elif not mps["available"]:
+            checks.append(Check("MPS", "fail", "MPS is not available (needs Apple Silicon and macOS 12.3+)",
+                                "update macOS, and install torch for arm64"))
+        else:
+            checks.append(Check("MPS", "ok", f"available; watermark {in_force}"))
+    if problem:
+        checks.append(Check("MPS watermark", "fail", problem, "unset PYTORCH_MPS_HIGH_WATERMARK_RATIO (or set 1.0-1.7)"))
+    if ram_avail is not None and ram_avail < 4 * 2**30:
+        checks.append(Check("RAM", "warn", f"only {ram_avail / 2**30:.1f} GiB of RAM available",
+                            "close other programs; keep --num-workers low"))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:
+        checks.append(Check("CPU load", "warn", f"load average {load:.1f} on {cores} cores: other work is running, so "
+                            "the speeds measured now are low", "rerun ddpmctl doctor when the machine is idle"))
+    status, why = compile_prerequisites(backend)
+    torch_compile = {"status": "not checked", "detail": "prerequisites only; --full compiles a tiny model"}
+    if compile_result is not None:
+        torch_compile = compile_result
+        status, why = ("ok", None) if compile_result["status"] == "works" else ("fail", compile_result["detail"])
+    elif status == "ok":
+        torch_compile["detail"] = "prerequisites present (not compiled; --full compiles a tiny model)"
+    if why:
+        torch_compile["detail"] = why
+    checks.append(Check("torch.compile", status, torch_compile["detail"],
+                        "leave --compile off (the default)" if status != "ok" else None))
+    advice, workers_check = dataloader_advice(backend, cores, cfg)
+    checks.append(workers_check)
+    return Environment(
+        os=platform.platform(), machine=platform.machine(), python=platform.python_version(), torch=torch.__version__,
+        torch_cuda_build=cuda_build, ddpmctl=__version__, cpu_cores=cores, torch_threads=torch.get_num_threads(),
+        ram_total_bytes=ram_total, ram_available_bytes=ram_avail, backend=backend, cuda=cuda, mps=mps,
+        torch_compile=torch_compile, dataloader=advice, checks=checks,
+    )
+
+
+# ----------------------------------------------------------------------------- the child process
+
+
+@dataclass
+class ChildRun:
+    events: list[dict[str, Any]]
+    returncode: int | None
+    timed_out: bool
+    stderr_tail: str
+
+
+def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> ChildRun:
+    """Run ``python -m ddpmctl.doctor_child`` with ``spec``; collect its events until done, death or timeout."""
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmctl.doctor_child"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    events: list[dict[str, Any]] = []
+    stderr: list[str] = []
+
+    def read_out() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            with contextlib.suppress(json.JSONDecodeError):
+                event = json.loads(line)
+                events.append(event)
+                if on_event:
+                    on_event(event)
+
+    def read_err() -> None:
+        stderr.extend(proc.stderr)  # type: ignore[arg-type]
+
+    readers = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for r in readers:
+        r.start()
+    proc.stdin.write(json.dumps(spec))  # type: ignore[union-attr]
+    proc.stdin.close()  # type: ignore[union-attr]
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for r in readers:
+        r.join(timeout=5)
+    return ChildRun(events, proc.returncode, timed_out, "".join(stderr)[-2000:])
+
+
+def backend_name(ref: str) -> str:
+    """The backend a child ``ref`` stands for (a ``module:attr`` fake says so in its ``name``)."""
+    if ":" not in ref:
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr).name
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@dataclass
+class ProbePlan:
+    """How hard the child tries: time, points, whether to verify the prediction and bisect to the first OOM."""
+
+    deadline_s: float
+    timeout_s: float
+    max_points: int
+    verify: bool
+    bisect: bool
+    max_fraction: float = 0.5  # stop growing the batch once the peak passes this fraction of the budget
+    verify_cap: int | None = None  # the CPU verifies (and times) at most the effective batch, not its RAM limit
+
+
+def plan_for(mode: str, backend: str, effective_batch: int = 64) -> ProbePlan:
+    accelerator = backend in ("cuda", "mps")
+    cap = None if accelerator else effective_batch
+    if mode == "quick":
+        return ProbePlan(deadline_s=32, timeout_s=50, max_points=5 if accelerator else 3, verify=True, bisect=False,
+                         verify_cap=cap)
+    # --full on an accelerator also bisects to the first out-of-memory batch; never on the CPU (it would swap).
+    return ProbePlan(deadline_s=240, timeout_s=300, max_points=7 if accelerator else 4, verify=True,
+                     bisect=accelerator, verify_cap=cap)
+
+
+def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15, env: dict[str, str] | None = None,
+          on_event: Callable[[dict[str, Any]], None] | None = None, cost: ModelCost | None = None) -> Probe:
+    """Measure ``cfg`` in a child process and fit peak memory = a + b * batch."""
+    started = time.perf_counter()
+    name = backend_name(backend_ref)
+    spec = {"backend": backend_ref, "config": to_dict(cfg), "deadline_s": plan.deadline_s,
+            "max_points": plan.max_points, "verify": plan.verify, "bisect": plan.bisect, "headroom": headroom,
+            "max_fraction": plan.max_fraction, "verify_cap": plan.verify_cap, "threads": torch.get_num_threads()}
+    run = run_child(spec, child_env(name, env), plan.timeout_s, on_event)
+    start = next((e for e in run.events if e["event"] == "start"), {})
+    points = [Point(**{k: e.get(k) for k in ("phase", "batch", "oom", "peak_bytes", "seconds", "images_per_sec", "error")})
+              for e in run.events if e["event"] == "point"]
+    notes: list[str] = []
+    error = next((e for e in run.events if e["event"] == "error"), None)
+    if error:
+        notes.append(f"the probe stopped with {error['type']}: {error['message']}")
+    elif run.timed_out:
+        notes.append(f"the probe was stopped after {plan.timeout_s:.0f} s; the points measured before are used")
+    elif run.returncode not in (0, None) and not any(e["event"] == "done" for e in run.events):
+        notes.append(f"the probe process died (exit {run.returncode}), likely out of memory; "
+                     f"points measured before are used. {run.stderr_tail.strip().splitlines()[-1:] or ''}")
+    ok = [(p.batch, float(p.peak_bytes)) for p in points if not p.oom and p.peak_bytes and p.phase != "warmup"]
+    fit = fit_line(ok)
+    if fit is None and ok and cost is not None:
+        slope = cost.activation_bytes * ONE_POINT_SLOPE_PRIOR
+        fit = Fit(ok[0][1] - slope * ok[0][0], slope, 1,
+                  f"one measured batch size; slope from the model's activations x {ONE_POINT_SLOPE_PRIOR}")
+        notes.append("only one batch size could be measured in time: the fit is rough (try --full)")
+    budget = int(start.get("budget_bytes") or 0)
+    max_batch = limit_by_oom(fit.max_batch(budget, headroom), points) if fit and budget else None
+    timed = [p for p in points if p.images_per_sec and not p.oom and p.phase != "warmup"]
+    best = max(timed, key=lambda p: (p.phase == "verify", p.batch), default=None)
+    largest = None
+    if any(p.phase == "bisect" for p in points) and any(p.oom for p in points):
+        first_oom = min(p.batch for p in points if p.oom)
+        largest = max((p.batch for p in points if not p.oom and p.batch < first_oom), default=None)
+    if start.get("precision_note"):
+        notes.append(start["precision_note"])
+    return Probe(
+        img_size=cfg.model.img_size, starting_channels=cfg.model.starting_channels, backend=start.get("backend", name),
+        device=start.get("device", name), precision=start.get("precision", "?"), precision_note=start.get("precision_note"),
+        parameters=int(start.get("parameters") or (cost.parameters if cost else 0)), budget_bytes=budget, headroom=headroom,
+        points=points, fit=fit, max_batch=max_batch, images_per_sec=best.images_per_sec if best else None,
+        images_per_sec_batch=best.batch if best else None, largest_batch_bisected=largest,
+        seconds=time.perf_counter() - started, details=start.get("details", {}), notes=notes,
+    )
+
+
+def check_compile(backend_ref: str, timeout: float = 120) -> dict[str, Any]:
+    """Compile and train a tiny block with torch.compile in a child, with a time limit."""
+    name = backend_name(backend_ref)
+    run = run_child({"task": "compile", "backend": backend_ref}, child_env(name), timeout)
+    done = next((e for e in run.events if e["event"] == "compile"), None)
+    if done:
+        return {"status": "works", "detail": f"compiled and trained a tiny block in {done['seconds']:.1f} s"}
+    error = next((e for e in run.events if e["event"] == "error"), None)
+    why = f"{error['type']}: {error['message']}" if error else ("timed out" if run.timed_out else "the check crashed")
+    return {"status": "fails", "detail": f"torch.compile failed here ({why})"}
+
+
+# ----------------------------------------------------------------------------- suggestions
+
+
+def cell_config(cfg: Config, img_size: int, channels: int) -> Config:
+    return apply_overrides(cfg, {"img_size": img_size, "starting_channels": channels})
+
+
+def extrapolate(probe_result: Probe, measured: ModelCost, target: ModelCost) -> tuple[int | None, float | None]:
+    """(largest batch, images/s) for another model from the measured one.
+
+    Memory: the per-image slope scales with the activations saved for backward, the intercept with the
+    parameters (BYTES_PER_PARAMETER each). Speed: images/s scales with 1 / FLOPs per image.
+    """
+    fit = probe_result.fit
+    max_batch = None
+    if fit is not None and probe_result.budget_bytes:
+        scaled = Fit(fit.intercept + BYTES_PER_PARAMETER * (target.parameters - measured.parameters),
+                     fit.slope * target.activation_bytes / max(measured.activation_bytes, 1), 0, "extrapolated")
+        max_batch = scaled.max_batch(probe_result.budget_bytes, probe_result.headroom)
+    ips = probe_result.images_per_sec * measured.flops / target.flops if probe_result.images_per_sec else None
+    return max_batch, ips
+
+
+def recommendation(cfg: Config, probe_result: Probe, target_effective: int, config_file: str | None) -> Recommendation | None:
+    if not probe_result.max_batch:
+        return None
+    batch, accum = recommend(probe_result.max_batch, target_effective)
+    steps = cfg.training.num_training_steps
+    timed = [p for p in probe_result.points if p.images_per_sec and not p.oom and p.phase != "warmup"]
+    nearest = min(timed, key=lambda p: abs(math.log(p.batch / batch)), default=None)  # speed depends on the batch
+    ips = nearest.images_per_sec if nearest else None
+    parts = ["ddpmctl", "train"]
+    if config_file:
+        parts += ["--config", str(config_file)]
+    parts += ["--img-size", str(cfg.model.img_size), "--starting-channels", str(cfg.model.starting_channels),
+              "--batch-size", str(batch), "--gradient-accumulation-steps", str(accum)]
+    return Recommendation(batch, accum, batch * accum, ips, steps, steps * batch * accum / ips if ips else None,
+                          shlex.join(parts))
+
+
+# ----------------------------------------------------------------------------- all of it
+
+
+def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effective_batch: int = 64,
+               img_sizes: tuple[int, ...] | None = None, channels: tuple[int, ...] | None = None,
+               config_file: str | None = None, backend_ref: str | None = None, env: dict[str, str] | None = None,
+               on_progress: Callable[[str], None] | None = None) -> DoctorReport:
+    """Environment + probe of ``cfg`` + the table and the recommended command line, as one report."""
+    started = time.perf_counter()
+    say = on_progress or (lambda _m: None)
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"--headroom must be in [0, 1), got {headroom}")
+    if effective_batch < 1:
+        raise ConfigError("--effective-batch must be at least 1")
+    backend_ref = backend_ref or select_device(cfg.run.device).type
+    backend = backend_name(backend_ref)
+    mode = "full" if full else "quick"
+    plan = plan_for(mode, backend, effective_batch)
+    sizes = tuple(img_sizes or DEFAULT_IMG_SIZES)
+    widths = tuple(channels or DEFAULT_CHANNELS)
+    cells = [(s, c) for s in sizes for c in widths]
+    for s, c in cells:
+        cell_config(cfg, s, c)  # a size the channel multipliers cannot divide is a user error, before any probe
+    attention = "math" if backend == "mps" else "flash"
+
+    key = (cfg.model.img_size, cfg.model.starting_channels)
+    costs = {key: model_cost(cfg, attention)}  # needed first: the one-point fallback uses it
+    # While the child measures, this process counts the other cells' activations and FLOPs on 'meta'.
+    counter = threading.Thread(target=lambda: costs.update(
+        {(s, c): model_cost(cell_config(cfg, s, c), attention) for s, c in cells if (s, c) != key}))
+    counter.start()
+    compile_result = None
+    if full:
+        say("checking torch.compile on a tiny block")
+        compile_result = check_compile(backend_ref)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["event"] == "point":
+            state = "out of memory" if event["oom"] else f"{(event['peak_bytes'] or 0) / 2**20:,.0f} MiB peak"
+            say(f"  batch {event['batch']} ({event['phase']}): {state}")
+
+    say(f"probing {key[0]}px / {key[1]} channels on {backend} ({mode} mode)")
+    result = probe(cfg, backend_ref, plan, headroom, env, on_event, costs[key])
+    counter.join()
+    table: list[Cell] = []
+    for s, c in cells:
+        if (s, c) == key:
+            table.append(Cell(s, c, costs[key].parameters, result.max_batch, result.images_per_sec, True, "measured"))
+        elif full:
+            say(f"probing {s}px / {c} channels")
+            other = probe(cell_config(cfg, s, c), backend_ref, dataclasses.replace(plan, bisect=False), headroom, env,
+                          on_event, costs[(s, c)])
+            table.append(Cell(s, c, costs[(s, c)].parameters, other.max_batch, other.images_per_sec, True, "measured"))
+        else:
+            mb, ips = extrapolate(result, costs[key], costs[(s, c)])
+            table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, f"extrapolated from {key[0]}px/{key[1]}ch"))
+    environment_report = environment(cfg, backend, compile_result)
+    for name, value in result.details.items():
+        (environment_report.cuda if backend == "cuda" else environment_report.mps if backend == "mps" else {})[name] = value
+    rec = recommendation(cfg, result, effective_batch, config_file)
+    if result.max_batch == 0:
+        environment_report.checks.append(Check(
+            "fits", "fail", f"not even batch 1 of {key[0]}px/{key[1]}ch fits in {result.budget_bytes / 2**30:.1f} GiB "
+            f"with {headroom:.0%} headroom", "lower --starting-channels or --img-size (see the table)"))
+    notes = list(result.notes)
+    if not full:
+        notes.append("quick mode measured one cell; the others are extrapolated (--full measures each)")
+    return DoctorReport(SCHEMA_VERSION, mode, time.perf_counter() - started, environment_report, result, table,
+                        list(sizes), list(widths), rec, notes)
