@@ -55,7 +55,7 @@ def evaluate_cmd(
     if not data.is_dir():
         raise EvaluationError(f"--data {data} is not a folder of images")
     loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision)
-    check_steps(steps, loaded)
+    steps = check_steps(steps, loaded, sampler)
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:
         show.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -56,7 +56,7 @@ def sample_cmd(
     loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    check_steps(steps, loaded)
+    steps = check_steps(steps, loaded, sampler)
     console.print(f"sampling {num} images from {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}) "
                   f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
@@ -68,19 +68,22 @@ def sample_cmd(
 
 
 def check_sampler_options(sampler: str, steps: int | None, precision: str) -> int | None:
-    """Validate --sampler/--precision; returns --steps with its default (50 for ddim/dpmpp2m)."""
+    """Validate --sampler/--precision before anything is loaded."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler must be ddpm, ddim or dpmpp2m, not {sampler!r}")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-    if sampler != "ddpm" and steps is None:
-        return 50
     return steps
 
 
-def check_steps(steps: int | None, loaded: LoadedModel) -> None:
-    if steps is not None and steps > loaded.schedule.num_steps:
-        raise ConfigError(f"--steps must be at most {loaded.schedule.num_steps} for this model")
+def check_steps(steps: int | None, loaded: LoadedModel, sampler: str = "ddim") -> int | None:
+    """--steps against the model's T; ddim/dpmpp2m default to 50 steps (or T when T is smaller)."""
+    total = loaded.schedule.num_steps
+    if steps is not None and steps > total:
+        raise ConfigError(f"--steps must be at most {total} for this model")
+    if sampler != "ddpm" and steps is None:
+        return min(50, total)
+    return steps
 
 
 def describe(loaded: LoadedModel, sampler: str, steps: int | None, eta: float) -> str:
