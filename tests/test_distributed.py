@@ -368,3 +368,23 @@ def test_one_process_resumes_a_two_process_checkpoint(ws, sigterm_run):
     # Two steps of batch 2 into the epoch after the interrupted one.
     assert meta["data_state"] == {"world_size": 1, "ranks": [{"epoch": before["epoch"] + 1, "position": 4,
                                                                 "seed": 0}]}
+
+
+def test_a_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
+    """A terminal Ctrl-C reaches each worker from the terminal and again from torchrun's agent."""
+    from types import SimpleNamespace
+
+    from ddpmctl import engine
+
+    clock = [1000.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    flag = StopFlag()
+    with engine.interrupt_handlers(flag):
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+        clock[0] += 0.05
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's forward: ignored, training goes on to save
+        assert flag.requested and flag.reason == "Ctrl-C"
+        clock[0] += 3.0
+        with pytest.raises(KeyboardInterrupt):  # the user pressing again: stop at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # (the handler runs between bytecodes; this gives it a moment)
