@@ -309,6 +309,8 @@ class _Trainer:
 
     def _resume_point(self) -> tuple[Path | None, list[str]]:
         which = self.cfg.training.resume_from_checkpoint
+        if self.dist.is_main:
+            checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
         barrier(self.dist)  # under torchrun every rank looks for checkpoints only after that
         if not which:
             existing = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
@@ -389,6 +391,9 @@ class _Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(meta["step"])
+        if self.step >= self.cfg.training.num_training_steps:
+            self.notes.append(f"{path.name} is at step {self.step} already (num_training_steps "
+                              f"{self.cfg.training.num_training_steps}): pass a larger --num-training-steps to go on")
         self.skipped_total = int(state.get("skipped_steps", 0))
         data_state = meta.get("data_state", {})
         if self.dist.world_size == int(data_state.get("world_size", 1)) and "ranks" in data_state:
@@ -507,6 +512,9 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoints.clean_stale_temporaries(self.run_dir)
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+            # Rows a killed run logged after its last checkpoint are about to be replayed (on a fresh start:
+            # all rows of an attempt that never saved): drop them so that no step is logged twice.
+            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.emit(TrainStarted(
             total_steps=t.num_training_steps, start_step=self.step, device=str(self.device),
             precision=self.precision.name, world_size=self.dist.world_size,
@@ -527,7 +535,7 @@ class _Trainer:
         last_loss: float | None = None
         bad_in_row = 0
         images_done = 0
-        last_saved: Path | None = None
+        last_saved: Path | None = self.resumed_from  # what a run resumed at its last step ends with
         saved_step = -1
         try:
             while self.step < t.num_training_steps:
