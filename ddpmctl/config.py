@@ -321,9 +321,11 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
             "and --working-directory"
         )
     base = load_yaml(saved)
-    # Where the run lives comes from the command line, even if the folder was moved since.
+    # Where the run lives comes from the command line, even if the folder was moved since; which checkpoint
+    # to resume from is this command's choice, never the one an earlier resume recorded in config.yaml.
     base = apply_overrides(base, {"experiment_name": located.run.experiment_name,
-                                  "working_directory": located.run.working_directory})
+                                  "working_directory": located.run.working_directory,
+                                  "resume_from_checkpoint": None})
     cfg = resolve(config_file, overrides, base=base)
     if not cfg.training.resume_from_checkpoint:
         cfg = apply_overrides(cfg, {"resume_from_checkpoint": "latest"})
