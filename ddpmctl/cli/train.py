@@ -112,6 +112,12 @@ def run_training(cfg: config_mod.Config) -> None:
             err_console.print(f"resume with: {_resume_hint(cfg)}", highlight=False)
             raise fail("training was interrupted", 130) from None
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: the engine stopped at once, discarding any half-written save
+        display.stop()
+        if int(os.environ.get("RANK", "0")) == 0:
+            err_console.print("stopped at once (second Ctrl-C): steps since the last complete checkpoint are "
+                              f"lost; resume with: {_resume_hint(cfg)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
         display.stop()
 
