@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="prepare processes and DataLoader workers")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per loader")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # this process only collates; idle OpenMP threads spinning would count as decode CPU
     load = os.getloadavg()[0]
     machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
 

@@ -253,7 +253,7 @@ def read_manifest(dst: str | Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))  # compact: ~250 bytes per image
     os.replace(tmp, path)
 
 

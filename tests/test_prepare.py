@@ -286,3 +286,18 @@ def test_train_refuses_a_prepared_folder_of_another_size(tmp_path, tiny_images):
     result = run("train", *tiny_args(dst, tmp_path, steps=2, img_size=32))
     assert result.exit_code == 1
     assert "prepared at 16px but --img-size is 32" in result.output
+
+
+def test_same_stem_files_and_dst_inside_src(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (20, 20), RED).save(src / "a.jpg", quality=100)
+    Image.new("RGB", (20, 20), BLUE).save(src / "a.png")
+    dst = src / "prepared"  # inside SRC: its own outputs must not be scanned as sources
+    assert prepare(src, dst, N, workers=1).count == 2
+    again = prepare(src, dst, N, workers=1)
+    assert (again.count, again.converted) == (2, 0)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    assert {rel: e["file"] for rel, e in manifest["images"].items()} == {"a.jpg": "images/a.png",
+                                                                          "a.png": "images/a.png.png"}
+    assert (out_of(dst, "a.png") == BLUE).all() and (out_of(dst, "a.jpg").astype(int)[..., 0] > 240).all()

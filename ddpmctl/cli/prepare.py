@@ -57,10 +57,9 @@ def prepare_cmd(
                           "continue", highlight=False)
             raise typer.Exit(130) from None
 
-    rate = result.converted / result.seconds if result.seconds > 0 else 0.0
-    console.print(f"[bold]{result.count}[/] images of {size}x{size} in {result.dst}: {result.converted} converted "
-                  f"({rate:.0f}/s on {workers} processes), {result.unchanged} unchanged, {result.removed} removed",
-                  highlight=False)
+    rate = f" ({result.converted / result.seconds:.0f}/s on {workers} processes)" if result.converted else ""
+    console.print(f"[bold]{result.count}[/] images of {size}x{size} in {result.dst}: {result.converted} converted"
+                  f"{rate}, {result.unchanged} unchanged, {result.removed} removed", highlight=False)
     if result.small:
         what = "upscaled (they may look soft)" if result.settings.small == "upscale" else "skipped (--small skip)"
         console.print(f"[yellow]{len(result.small)} image(s) smaller than {size}px were {what}[/]", highlight=False)
