@@ -524,11 +524,20 @@ def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15
                      f"points measured before are used. {run.stderr_tail.strip().splitlines()[-1:] or ''}")
     ok = [(p.batch, float(p.peak_bytes)) for p in points if not p.oom and p.peak_bytes and p.phase != "warmup"]
     fit = fit_line(ok)
-    if fit is None and ok and cost is not None:
+    if not ok:  # the warm-up step is a measurement too, if nothing later finished
+        ok = [(p.batch, float(p.peak_bytes)) for p in points if not p.oom and p.peak_bytes]
+    if fit is None and cost is not None:
         slope = cost.activation_bytes * ONE_POINT_SLOPE_PRIOR
-        fit = Fit(ok[0][1] - slope * ok[0][0], slope, 1,
-                  f"one measured batch size; slope from the model's activations x {ONE_POINT_SLOPE_PRIOR}")
-        notes.append("only one batch size could be measured in time: the fit is rough (try --full)")
+        if ok:
+            fit = Fit(ok[0][1] - slope * ok[0][0], slope, 1,
+                      f"one measured batch size; slope from the model's activations x {ONE_POINT_SLOPE_PRIOR}")
+            notes.append("only one batch size could be measured in time: the fit is rough (rerun when idle, or --full)")
+        elif start:
+            base = float((start.get("details") or {}).get("rss_bytes") or 0) if name == "cpu" else 0.0
+            fit = Fit(base + BYTES_PER_PARAMETER * cost.parameters, slope, 0,
+                      "estimated from the model's size: no training step finished in time")
+            notes.append("no training step finished in time: the largest batch is an estimate from the model's "
+                         "size, not a measurement (rerun when the machine is idle, or with --full)")
     budget = int(start.get("budget_bytes") or 0)
     max_batch = limit_by_oom(fit.max_batch(budget, headroom), points) if fit and budget else None
     timed = [p for p in points if p.images_per_sec and not p.oom and p.phase != "warmup"]
@@ -648,15 +657,20 @@ def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effec
     table: list[Cell] = []
     for s, c in cells:
         if (s, c) == key:
-            table.append(Cell(s, c, costs[key].parameters, result.max_batch, result.images_per_sec, True, "measured"))
+            measured = bool(result.fit and result.fit.points)
+            table.append(Cell(s, c, costs[key].parameters, result.max_batch, result.images_per_sec, measured,
+                              "measured" if measured else "estimated from the model's size"))
         elif full:
             say(f"probing {s}px / {c} channels")
             other = probe(cell_config(cfg, s, c), backend_ref, dataclasses.replace(plan, bisect=False), headroom, env,
                           on_event, costs[(s, c)])
-            table.append(Cell(s, c, costs[(s, c)].parameters, other.max_batch, other.images_per_sec, True, "measured"))
+            ok = bool(other.fit and other.fit.points)
+            table.append(Cell(s, c, costs[(s, c)].parameters, other.max_batch, other.images_per_sec, ok,
+                              "measured" if ok else "estimated from the model's size"))
         else:
             mb, ips = extrapolate(result, costs[key], costs[(s, c)])
-            table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, f"extrapolated from {key[0]}px/{key[1]}ch"))
+            source = f"extrapolated from {key[0]}px/{key[1]}ch" + ("" if result.fit and result.fit.points else " (estimated)")
+            table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, source))
     environment_report = environment(cfg, backend, compile_result)
     for name, value in result.details.items():
         (environment_report.cuda if backend == "cuda" else environment_report.mps if backend == "mps" else {})[name] = value
