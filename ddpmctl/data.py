@@ -8,6 +8,7 @@ happen on the training device, so workers only decode and the host-to-device cop
 from __future__ import annotations
 
 import math
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,6 +237,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
+def _worker_ignores_ctrl_c(_worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the loader workers too; the main process handles it (finishes the step,
+    saves). A worker killed by it would lose the batch in flight and crash the run: workers started by
+    spawn (macOS) do not inherit the engine's handler, so they ignore SIGINT instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless iterator over batches that tracks (epoch, samples taken in the epoch) for exact resume."""
 
@@ -251,6 +259,7 @@ class BatchStream:
             collate_fn=getattr(dataset, "collate_fn", None),  # PackedDataset: its batch is already one tensor
             pin_memory=pin_memory, drop_last=False, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_worker_ignores_ctrl_c if num_workers > 0 else None,
         )
         self.epoch = 0
         self.position = 0  # samples of this rank's share of the epoch already returned

@@ -406,3 +406,20 @@ def test_ctrl_c_saves_and_second_ctrl_c_exits_at_once(data: Path, tmp_path: Path
     assert not scratch(run), "the half-written checkpoint was left behind"
     assert all(ck.inspect_checkpoint(c.path, verify_hashes=True).complete for c in ck.list_checkpoints(run))
     assert ck.resolve_checkpoint(run)[0].name == f"checkpoint_{stopped_at}"
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(data: Path) -> None:
+    from ddpmctl.data import BatchStream, build_dataset
+
+    dataset, _ = build_dataset(data, 8)
+    stream = BatchStream(dataset, batch_size=4, num_workers=1, pin_memory=False, seed=0)
+    try:
+        next(stream)
+        worker = stream._it._workers[0]
+        os.kill(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to every process of the group
+        time.sleep(0.5)
+        assert worker.is_alive(), "a loader worker died of Ctrl-C: its batch in flight would be lost"
+        for _ in range(8):  # more batches than were prefetched: the worker still serves them
+            next(stream)
+    finally:
+        stream.close()
