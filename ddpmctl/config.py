@@ -316,9 +316,13 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
     located = resolve(config_file, overrides)  # only to find WORKING_DIRECTORY/EXPERIMENT_NAME
     saved = located.run_dir / "config.yaml"
     if not saved.is_file():
+        work = Path(located.run.working_directory)
+        runs = sorted(p.parent.name for p in work.glob("*/config.yaml")) if work.is_dir() else []
+        found = (f"runs in {work}: {', '.join(runs)}" if runs else
+                 f"{work} holds no run" if work.is_dir() else f"{work} does not exist")
         raise ConfigError(
             f"no run to resume at {located.run_dir} (it has no config.yaml): check --experiment-name "
-            "and --working-directory"
+            f"and --working-directory ({found})"
         )
     base = load_yaml(saved)
     # Where the run lives comes from the command line, even if the folder was moved since; which checkpoint

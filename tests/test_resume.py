@@ -185,7 +185,7 @@ def test_resume_error_messages(data: Path, tmp_path: Path) -> None:
     work = tmp_path / "w"
     result = runner.invoke(app, ["resume", "--experiment-name", "ghost", "--working-directory", str(work)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "no run to resume" in result.output
+    assert "no run to resume" in result.output and "does not exist" in " ".join(result.output.split())
 
     # A run that stopped before its first checkpoint.
     opts = options(data, tmp_path, "early", num_training_steps=8)
@@ -198,6 +198,8 @@ def test_resume_error_messages(data: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "no usable checkpoint" in result.output and "holds no checkpoint yet" in " ".join(result.output.split())
 
+    result = runner.invoke(app, ["resume", "--experiment-name", "ghost", "--working-directory", str(work)])
+    assert result.exit_code == 1 and f"runs in {work}: early" in " ".join(result.output.split())
     train(config_mod.resolve(None, {**opts, "num_training_steps": 4}))  # starting again is allowed
     assert [s for s, _ in losses(work / "early")] == [1, 2, 3, 4]  # the first attempt's rows are gone
     result = runner.invoke(app, ["resume", *where, "--resume-from-checkpoint", "checkpoint_99"])
