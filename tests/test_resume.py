@@ -87,13 +87,17 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows]
 
 
-def stop_at(step: int) -> tuple[Callable[[object], None], StopFlag]:
-    """An event callback that asks for a stop (as Ctrl-C does) once ``step`` is done."""
+def stop_at(step: int, signum: int | None = None) -> tuple[Callable[[object], None], StopFlag]:
+    """An event callback that asks for a stop once ``step`` is done: a real signal to this process, or
+    (without ``signum``) straight through the flag Ctrl-C sets."""
     flag = StopFlag()
 
     def on_event(event: object) -> None:
         if isinstance(event, StepStats) and event.step == step:
-            flag.request("test")
+            if signum is None:
+                flag.request("test")
+            else:
+                os.kill(os.getpid(), signum)
 
     return on_event, flag
 
@@ -114,14 +118,19 @@ def straight(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- exact resume
 
 
-@pytest.mark.parametrize(("stop", "workers"), [(5, 0), (6, 0), (4, 1)],
-                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-1-worker"])
-def test_stop_and_resume_is_bit_identical(data: Path, tmp_path: Path, straight: Path, stop: int, workers: int) -> None:
+@pytest.mark.parametrize(("stop", "workers", "signum"), [(5, 0, None), (6, 0, signal.SIGTERM), (4, 1, None)],
+                         ids=["mid-epoch", "epoch-boundary-sigterm", "mid-epoch-1-worker"])
+def test_stop_and_resume_is_bit_identical(
+    data: Path, tmp_path: Path, straight: Path, stop: int, workers: int, signum: int | None
+) -> None:
     opts = options(data, tmp_path, "split", num_workers=workers)
-    on_event, flag = stop_at(stop)
+    on_event, flag = stop_at(stop, signum)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingStopped) as stopped:
         train(config_mod.resolve(None, opts), on_event, flag)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the engine put the previous handler back
     assert stopped.value.exit_code == 130 and stopped.value.checkpoint.endswith(f"checkpoint_{stop}")
+    assert f"interrupted ({'SIGTERM' if signum else 'test'}) at step {stop}" in str(stopped.value)
     meta = ck.read_meta(Path(stopped.value.checkpoint))
     assert meta["data_state"]["ranks"][0]["epoch"] == stop // 3 - (stop % 3 == 0)  # the epoch it was in
     train(config_mod.resolve(None, {**opts, "resume_from_checkpoint": "latest"}))
