@@ -234,7 +234,7 @@ class _FlashLikeAttention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _attention_as(kind: str, extra_flops: list[float]) -> Iterator[None]:
-    """Model the attention of ``kind``: 'flash' (CUDA, CPU kernels) or 'math' (the explicit MPS path)."""
+    """Model the attention of ``kind``: 'flash' (fused CUDA kernels) or 'math' (N x N weights kept: MPS, CPU)."""
     import torch.nn.functional as F
 
     original = F.scaled_dot_product_attention
@@ -633,7 +633,9 @@ def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effec
     cells = [(s, c) for s in sizes for c in widths]
     for s, c in cells:
         cell_config(cfg, s, c)  # a size the channel multipliers cannot divide is a user error, before any probe
-    attention = "math" if backend == "mps" else "flash"
+    # Fused attention keeps memory linear in tokens on CUDA; the MPS path spells attention out, and CPU
+    # training showed the N x N weights in its peak RSS too, so both are counted with them.
+    attention = "flash" if backend == "cuda" else "math"
 
     key = (cfg.model.img_size, cfg.model.starting_channels)
     costs = {key: model_cost(cfg, attention)}  # needed first: the one-point fallback uses it
