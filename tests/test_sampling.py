@@ -262,3 +262,12 @@ def test_wandb_missing_is_a_clear_hint(tmp_path, tiny_images, monkeypatch):
     result = runner.invoke(app, ["train", *args])
     assert result.exit_code == 1, result.output
     assert "pip install 'ddpmctl[wandb]'" in result.output and "Traceback" not in result.output
+
+
+def test_sample_cli_grid_columns_follow_plot_freq_interval(tiny_run):
+    out = tiny_run / "cli_cols"
+    result = runner.invoke(app, ["sample", "--checkpoint", str(tiny_run / "working" / "tiny"), "--out", str(out),
+                                 "--num", "2", "--grid", "--plot-freq-interval", "10"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "progression.png") as im:  # x_19, x_10, x_0 and the final image; 2 rows
+        assert (im.height, im.width) == grid_size(2, 4, 16, 16)

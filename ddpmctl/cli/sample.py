@@ -42,6 +42,8 @@ def sample_cmd(
     num: Annotated[int, typer.Option("--num", min=1, help="number of images")] = 16,
     grid: Annotated[bool, typer.Option("--grid", help="also write progression.png (noise to image, a row per sample)")] = False,
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
+    plot_freq_interval: Annotated[Optional[int], typer.Option(
+        "--plot-freq-interval", min=1, help="with --grid: timesteps between columns [default: the run's]")] = None,
     sampler: SamplerOpt = "ddpm",
     steps: StepsOpt = None,
     eta: EtaOpt = 0.0,
@@ -61,7 +63,8 @@ def sample_cmd(
                   f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
         res = generate_files(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                             grid=grid, show_x0=show_x0, on_progress=on_progress)
+                             grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval,
+                             on_progress=on_progress)
     console.print(f"wrote {num} images to {out}", highlight=False)
     if res.grid is not None:
         console.print(f"progression grid: {res.grid}", highlight=False)
