@@ -42,8 +42,9 @@ lint: $(STAMP)
 demo: $(STAMP)  ## build the demo data, train on the CPU, sample a grid
 	$(BIN)/python -m ddpmctl.demo --data data/demo --work $(WORK) --generated $(GEN) --out $(OUT)/demo
 
-bench: $(STAMP)  ## ddpmctl against diffusers on this machine
+bench: $(STAMP)  ## ddpmctl against diffusers on this machine, then data-loading throughput
 	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/data_throughput.py
 
 train: $(STAMP)
 	$(BIN)/ddpmctl train --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
