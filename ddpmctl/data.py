@@ -123,7 +123,11 @@ class PackedDataset(Dataset):
     @property
     def array(self) -> np.ndarray:
         if self._array is None:  # opened lazily, so each DataLoader worker maps the file itself
-            self._array = np.load(self.path, mmap_mode="r")
+            try:
+                self._array = np.load(self.path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"cannot read {self.path} as a packed image array ({exc}): "
+                                "write it with 'ddpmctl prepare --pack'") from None
         return self._array
 
     def __getstate__(self) -> dict:
