@@ -126,7 +126,7 @@ class PackedDataset(Dataset):
             try:
                 self._array = np.load(self.path, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise DataError(f"cannot read {self.path} as a packed image array ({exc}): "
+                raise DataError(f"cannot read {self.path} as a packed image array ({type(exc).__name__}): "
                                 "write it with 'ddpmctl prepare --pack'") from None
         return self._array
 
