@@ -423,6 +423,14 @@ class PrunePlan:
         return sum(info.size_bytes for info, _ in self.remove)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run folder must exist, and a checkpoint folder given by mistake is pointed at its run folder."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    if _NAME.match(run_dir.name) and (run_dir / META).is_file():
+        raise CheckpointError(f"{run_dir} is a checkpoint folder; pass its run folder {run_dir.parent}")
+
+
 def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) -> PrunePlan:
     """Keep the newest ``keep`` complete checkpoints (and every ``keep_every``-th step); remove the rest.
 
@@ -434,8 +442,7 @@ def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) ->
         raise CheckpointError("--keep must be at least 1: the newest checkpoint is never deleted")
     if keep_every is not None and keep_every < 1:
         raise CheckpointError("--keep-every must be at least 1")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
+    check_run_dir(run_dir)
     found = list_checkpoints(run_dir)
     plan = PrunePlan(run_dir)
     complete = [c for c in found if c.complete]
@@ -462,7 +469,10 @@ def execute_prune(plan: PrunePlan) -> list[Path]:
     for info, _reason in plan.remove:
         if info.path.resolve() in spared or not info.path.is_dir():
             continue
-        _discard(info.path)
+        try:
+            _discard(info.path)
+        except FileNotFoundError:
+            continue  # gone meanwhile (a training run rotating its own checkpoints)
         removed.append(info.path)
     _fsync_dir(plan.run_dir)
     return removed

@@ -282,6 +282,8 @@ def test_list_cli_shows_table_and_damage(tmp_path: Path) -> None:
     assert "incomplete" in row15
     assert "3 checkpoint(s)" in result.output and "resume uses checkpoint_10" in result.output
     assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(tmp_path / "nope")]), "does not exist")
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(tmp_path / "checkpoint_5")]),
+                          "is a checkpoint folder; pass its run folder")
 
 
 def test_export_writes_ema_weights_loadable_with_plain_safetensors(tmp_path: Path) -> None:

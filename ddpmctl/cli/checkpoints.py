@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from .. import checkpoints as ck
-from ..errors import CheckpointError
 from .common import console, err_console, handle_errors
 
 app = typer.Typer(
@@ -69,8 +68,7 @@ def _plan_table(plan: ck.PrunePlan) -> Table:
 @handle_errors
 def list_cmd(run_dir: RunDirArg) -> None:
     """Show a run's checkpoints: step, time, size, EMA or not, loss at save; damaged ones say why."""
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
+    ck.check_run_dir(run_dir)
     found = ck.list_checkpoints(run_dir)
     if not found:
         console.print(f"{run_dir} holds no checkpoint", highlight=False)
