@@ -16,7 +16,7 @@ from . import checkpoints
 from .config import Config, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
-from .runtime import Precision, build_model, resolve_precision, select_device
+from .runtime import Precision, build_model, prepare_for_sampling, resolve_precision, select_device
 from .sampling import SampleResult, progression_grid, sample, sampler_timesteps, to_uint8
 
 
@@ -43,8 +43,12 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, list[str]]:
     return checkpoints.resolve_checkpoint(path, "latest")
 
 
-def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, precision: str = "auto") -> LoadedModel:
-    """Rebuild the network from the checkpoint's own config and load its (EMA) weights."""
+def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, precision: str = "auto",
+               compile: bool = False) -> LoadedModel:
+    """Rebuild the network from the checkpoint's own config and load its (EMA) weights.
+
+    ``compile`` runs it through torch.compile (CUDA graphs on CUDA): slow first batch, faster afterwards.
+    """
     ckpt, notes = locate_checkpoint(path)
     meta = checkpoints.read_meta(ckpt)
     cfg = from_dict(meta.get("config", {}), source=f"{ckpt}/meta.json")
@@ -58,7 +62,7 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
         model.load_state_dict(checkpoints.load_weights(ckpt, name))
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt / name} does not match its config: {str(exc).splitlines()[0]}") from None
-    model = model.to(dev).eval().requires_grad_(False)
+    model = prepare_for_sampling(model.to(dev).eval().requires_grad_(False), dev, compile)
     prec = resolve_precision(precision, dev)
     return LoadedModel(model, Schedule(cfg.diffusion, dev), cfg, ckpt, int(meta["step"]),
                        use_ema and has_ema, dev, prec, notes)

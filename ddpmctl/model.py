@@ -52,6 +52,13 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manual: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors (Vaswani et al. 2017, Eq. 1)."""
+    if manual:  # MPS: scaled_dot_product_attention has been unreliable there, so spell it out
+        return torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA and the CPU
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
 
@@ -66,16 +73,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, head_dim)
-        if x.device.type == "mps":
-            # MPS: scaled_dot_product_attention has been unreliable there, so spell it out.
-            weights = torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1)
-            out = weights @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        # The 1x1 convolutions run as matmuls over tokens (B, HW, C), so q, k and v come out with a unit
+        # stride on head_dim: the layout the flash kernels (CUDA and CPU) take without a copy. On a
+        # channels_last input the token view is free.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.view(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(q, k, v, manual=x.device.type == "mps")  # (B, heads, HW, head_dim)
+        out = F.linear(out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.flatten(1), self.proj.bias)
+        return x + out.transpose(1, 2).view(b, c, h, w)
 
 
 class Downsample(nn.Module):

@@ -150,3 +150,21 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+def compile_model(model: torch.nn.Module, device: torch.device, purpose: str = "train") -> torch.nn.Module:
+    """torch.compile for training or sampling.
+
+    Sampling on CUDA uses mode="reduce-overhead" (CUDA graphs): at low resolution a denoising step is
+    hundreds of small kernels, and replaying them as one graph removes the launch cost. Training keeps
+    the default mode (its backward and optimizer work around the graph would break the replay's gains).
+    """
+    mode = "reduce-overhead" if purpose == "sample" and device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
+
+
+def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    """The inference fast path: channels_last on CUDA (faster convolutions), optionally compiled with CUDA graphs."""
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return compile_model(model, device, "sample") if compile else model

@@ -1,0 +1,109 @@
+"""The UNet: shapes across configurations, the attention kernels agree, memory formats agree, preset size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpmctl.config import ModelConfig, load_yaml
+from ddpmctl.model import Attention, UNet, attend, attention_resolutions, count_parameters
+
+TINY = dict(starting_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(img_size=8),
+        dict(img_size=16, channel_multipliers=(1, 2, 2), attention_resolutions=(8,)),
+        dict(img_size=16, num_res_blocks=2, bottleneck_blocks=1, num_heads=1, dropout=0.1),
+        dict(img_size=8, starting_channels=12, num_heads=5, attention_resolutions=()),  # heads not dividing C
+    ],
+)
+def test_output_has_the_input_shape(overrides):
+    cfg = ModelConfig(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
+        out = model(x, torch.randint(0, 1000, (batch,)))
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+
+
+def test_default_attention_sits_below_the_image_size():
+    assert attention_resolutions(ModelConfig(img_size=32, channel_multipliers=(1, 2, 2))) == (16, 8)
+    assert attention_resolutions(ModelConfig(img_size=32, attention_resolutions=(16,))) == (16,)
+
+
+def test_ddpm_cifar10_preset_keeps_its_size_and_keys():
+    with torch.device("meta"):
+        model = UNet(load_yaml("configs/cifar10_ddpm.yaml").model)
+    assert count_parameters(model) == 35_746_307  # the DDPM paper's 35.7M
+    keys = model.state_dict().keys()
+    assert len(keys) == 304
+    # checkpoints written before the token-layout attention still load: the 1x1 convolutions stay Conv2d
+    assert model.mid[0].attn.qkv.weight.shape == (768, 256, 1, 1)
+    assert "mid.0.attn.proj.weight" in keys and "up.0.res.skip.weight" in keys
+
+
+def reference_attention(module: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The plain formulation: 1x1 conv to q, k, v over (B, C, HW), softmax(q k^T / sqrt(d)) v, 1x1 conv out."""
+    b, c, h, w = x.shape
+    heads = module.num_heads
+    qkv = module.qkv(module.norm(x)).reshape(b, 3, heads, c // heads, h * w)
+    q, k, v = qkv.unbind(1)  # (B, heads, d, HW)
+    weights = torch.softmax(torch.einsum("bhdn,bhdm->bhnm", q, k) / (c // heads) ** 0.5, dim=-1)
+    out = torch.einsum("bhnm,bhdm->bhdn", weights, v).reshape(b, c, h, w)
+    return x + module.proj(out)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_matches_the_plain_formulation_values_and_gradients(heads):
+    torch.manual_seed(0)
+    module = Attention(32, heads)
+    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    fast = module(x)
+    grads_fast = torch.autograd.grad(fast.square().sum(), [x, module.qkv.weight, module.proj.weight])
+    ref = reference_attention(module, x)
+    grads_ref = torch.autograd.grad(ref.square().sum(), [x, module.qkv.weight, module.proj.weight])
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_manual_attention_path_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    torch.testing.assert_close(attend(q, k, v, manual=True), attend(q, k, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    cfg = ModelConfig(**{**TINY, "img_size": 8})
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 700])
+    out = model(x, t)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+    model_cl = model.to(memory_format=torch.channels_last)
+    out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t)
+    grads_cl = torch.autograd.grad(out_cl.square().mean(), list(model_cl.parameters()))
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_cl, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_autocast_forward_keeps_shape_and_is_close():
+    cfg = ModelConfig(**{**TINY, "img_size": 8})
+    torch.manual_seed(0)
+    model = UNet(cfg).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t)
+    assert low.shape == ref.shape
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
