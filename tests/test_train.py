@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 import yaml
 from conftest import tiny_args
 from typer.testing import CliRunner
@@ -77,8 +76,8 @@ def test_sample_from_a_run(tmp_path, tiny_images):
     again = tmp_path / "again"
     runner.invoke(app, ["sample", "--checkpoint", str(run / "checkpoint_2"), "--out", str(again), "--num", "3",
                         "--seed", "1", "--device", "cpu"])
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     a = np.asarray(Image.open(out / "sample_00001.png"))
     b = np.asarray(Image.open(again / "sample_00001.png"))
@@ -96,4 +95,3 @@ def test_seed_recommended_line_trains_with_small_sizes(tmp_path, tiny_images):
     result = runner.invoke(app, ["train", *line])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "working" / "celebA_small" / "checkpoint_2" / "model.safetensors").is_file()
-    assert torch.isfinite(torch.tensor(1.0))
