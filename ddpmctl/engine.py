@@ -33,7 +33,7 @@ from . import __version__, checkpoints, diffusion, plots
 from .config import Config, dump_yaml, to_dict
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
-from .errors import CheckpointError, ConfigError, TrainingStopped
+from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
 from .runtime import (
     DistInfo,
     Precision,
@@ -44,7 +44,7 @@ from .runtime import (
     resolve_precision,
     select_device,
 )
-from .sampling import progression_grid, sample
+from .sampling import progression_grid, sample, save_png
 
 # ----------------------------------------------------------------------------- events
 
@@ -234,17 +234,6 @@ def evaluation_noise(cfg: Config, device: torch.device) -> tuple[torch.Tensor, t
     return noise.to(device), step_gen
 
 
-def save_grid(image: torch.Tensor, path: Path) -> None:
-    """Write a (3, H, W) [0, 1] image as PNG atomically."""
-    from PIL import Image
-
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -278,6 +267,11 @@ def _wandb_module(cfg: Config) -> Any:
 # ----------------------------------------------------------------------------- the loop
 
 
+def wants_deferred_guard(device: torch.device, precision: Precision) -> bool:
+    """Keep the non-finite check on the device (CUDA, bf16/fp32): the CPU and MPS check on the host each step."""
+    return device.type == "cuda" and not precision.use_scaler
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -292,7 +286,11 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     dist_info = init_distributed(cfg.run.device)
     try:
         with interrupt_handlers(stop):
-            return _Trainer(cfg, dist_info, emit, stop).run()
+            trainer = _Trainer(cfg, dist_info, emit, stop)
+            try:
+                return trainer.run()
+            finally:
+                trainer.lock.release()  # taken by rank 0 in _resume_point
     finally:
         if dist_info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -303,15 +301,41 @@ class _Trainer:
         self.cfg, self.dist, self.stop = cfg, dist_info, stop
         self.emit = emit if dist_info.is_main else (lambda _e: None)  # other ranks stay quiet
         self.run_dir = cfg.run_dir
+        self.lock = checkpoints.RunLock(self.run_dir)  # held by rank 0 for the whole run
         self.wandb = _wandb_module(cfg)
 
     # -- setup --------------------------------------------------------------------------------------
 
     def _resume_point(self) -> tuple[Path | None, list[str]]:
-        which = self.cfg.training.resume_from_checkpoint
+        """Rank 0 alone locks the run, tidies it and picks (and hashes) the checkpoint; the other ranks get
+        its choice, or its error, so every rank loads the same step or fails the same way."""
+        choice: dict[str, Any] = {}
+        failure: Exception | None = None
         if self.dist.is_main:
-            checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
-        barrier(self.dist)  # under torchrun every rank looks for checkpoints only after that
+            try:
+                path, notes = self._choose_checkpoint()
+                choice = {"path": str(path) if path is not None else None, "notes": notes}
+            except Exception as exc:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+                failure = exc
+                choice = {"error": type(exc).__name__, "user": isinstance(exc, DdpmctlError), "message": str(exc)}
+        if self.dist.enabled and dist.is_initialized():
+            box = [choice]
+            dist.broadcast_object_list(box, src=0, group=self.dist.host_group)
+            choice = box[0]
+        if failure is not None:
+            raise failure
+        if "error" in choice:
+            kinds = {"ConfigError": ConfigError, "CheckpointError": CheckpointError, "DataError": DataError,
+                     "RunInUseError": checkpoints.RunInUseError}
+            kind = kinds.get(choice["error"], DdpmctlError) if choice["user"] else RuntimeError
+            raise kind(choice["message"])
+        return (Path(choice["path"]) if choice["path"] else None), list(choice["notes"])
+
+    def _choose_checkpoint(self) -> tuple[Path | None, list[str]]:
+        """Rank 0: take the run's lock (one process per run), tidy, and resolve the checkpoint to load."""
+        which = self.cfg.training.resume_from_checkpoint
+        self.lock.acquire(create=True)
+        checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
         if not which:
             existing = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
             if existing:
@@ -341,7 +365,9 @@ class _Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        fused = self.device.type == "cuda"
+        # On CUDA the non-finite guard runs on the device (see run()): it needs fused AdamW's found_inf.
+        self.deferred_guard = wants_deferred_guard(self.device, self.precision)
+        fused = self.device.type == "cuda" or self.deferred_guard
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None
         )
@@ -357,6 +383,8 @@ class _Trainer:
         self.skipped_total = 0
         if resume_path is not None:
             self._load(resume_path)
+            if self.dist.is_main:  # resuming from an older step starts a new branch: the newer one goes aside
+                self.notes += checkpoints.set_aside_newer(self.run_dir, resume_path)
         else:
             torch.manual_seed(cfg.run.seed + 7919 * self.dist.rank)  # per-rank noise and timesteps
         self.resumed_from = resume_path
@@ -462,11 +490,11 @@ class _Trainer:
         noise, gen = evaluation_noise(self.cfg, self.device)
         result = sample(
             net, self.schedule, noise, sampler=s.sampler, steps=s.sampling_steps, eta=s.eta, generator=gen,
-            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast_factory(),
+            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast,
         )
         net.train(was_training)
         path = self.cfg.generated_dir / f"step_{self.step}.png"
-        save_grid(progression_grid(result, s.show_x0), path)
+        save_png(progression_grid(result, s.show_x0), path)
         self.emit(GridSaved(self.step, str(path)))
         plots.loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         if self.wandb is not None:
@@ -497,6 +525,15 @@ class _Trainer:
             self.scaler.scale(loss / cfg.training.gradient_accumulation_steps).backward()
         return loss.detach()
 
+    def _diverged(self, in_row: int) -> None:
+        good = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
+        raise TrainingStopped(
+            f"training diverged: {in_row} non-finite steps in a row at step {self.step}; "
+            "lower --learning-rate or --max-grad-norm"
+            + (f"; last good checkpoint: {good[-1].path}" if good else ""),
+            checkpoint=str(good[-1].path) if good else None,
+        )
+
     def _stop_requested(self) -> bool:
         if not self.dist.enabled:
             return self.stop.requested
@@ -508,13 +545,15 @@ class _Trainer:
         self.setup()
         cfg, t = self.cfg, self.cfg.training
         accum = t.gradient_accumulation_steps
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoints.clean_stale_temporaries(self.run_dir)
-            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
-            # Rows a killed run logged after its last checkpoint are about to be replayed (on a fresh start:
-            # all rows of an attempt that never saved): drop them so that no step is logged twice.
-            checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if self.dist.is_main:  # the run folder was created and tidied by _resume_point
+            try:
+                write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+                # Rows a killed run logged after its last checkpoint are about to be replayed (on a fresh start:
+                # all rows of an attempt that never saved): drop them so that no step is logged twice.
+                checkpoints.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            except OSError as exc:
+                raise ConfigError(f"cannot write {exc.filename or self.run_dir}: {exc.strerror or exc}; pass a "
+                                  "--working-directory you can write to") from None
         self.emit(TrainStarted(
             total_steps=t.num_training_steps, start_step=self.step, device=str(self.device),
             precision=self.precision.name, world_size=self.dist.world_size,
@@ -534,6 +573,8 @@ class _Trainer:
         loss_sum = torch.zeros((), device=self.device)
         last_loss: float | None = None
         bad_in_row = 0
+        bad_run = torch.zeros((), device=self.device)  # deferred guard: non-finite steps in a row, on the device
+        bad_window = torch.zeros((), device=self.device)  # deferred guard: skipped since the last read-back
         images_done = 0
         last_saved: Path | None = self.resumed_from  # what a run resumed at its last step ends with
         saved_step = -1
@@ -543,12 +584,19 @@ class _Trainer:
                 step_loss = torch.stack(losses).mean()
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                # One read-back per step: skip the update if the loss or any gradient is not finite.
+                # Skip the update if the loss or any gradient is not finite.
                 check = step_loss if self.precision.use_scaler else step_loss + grad_norm
                 if self.dist.enabled:  # every rank must take the same decision: a sum is finite only if all are
                     check = check.detach().float().reshape(1)
                     dist.all_reduce(check)
-                if not bool(torch.isfinite(check).all()):
+                if self.deferred_guard:
+                    # No host wait: fused AdamW skips the update on the device when found_inf is 1 (the
+                    # mechanism GradScaler uses); the step still counts. Skips are read back with the loss.
+                    bad = (~torch.isfinite(check)).reshape(()).float()
+                    self.optimizer.found_inf = bad
+                    bad_run = (bad_run + 1) * bad
+                    bad_window += bad
+                elif not bool(torch.isfinite(check).all()):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.update()
                     bad_in_row += 1
@@ -556,14 +604,7 @@ class _Trainer:
                     self.emit(Note(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
                                    f"({bad_in_row} in a row)"))
                     if bad_in_row >= t.max_bad_steps:
-                        good = checkpoints.list_checkpoints(self.run_dir)
-                        good = [c for c in good if c.complete]
-                        raise TrainingStopped(
-                            f"training diverged: {bad_in_row} non-finite steps in a row at step {self.step}; "
-                            "lower --learning-rate or --max-grad-norm"
-                            + (f"; last good checkpoint: {good[-1].path}" if good else ""),
-                            checkpoint=str(good[-1].path) if good else None,
-                        )
+                        self._diverged(bad_in_row)
                     continue
                 bad_in_row = 0
                 self.scaler.step(self.optimizer)
@@ -584,6 +625,14 @@ class _Trainer:
                         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
                         loss_sum /= self.dist.world_size
                     last_loss = float(loss_sum) / window_steps
+                    if self.deferred_guard and float(bad_window) > 0:
+                        skipped, in_row = int(bad_window), int(bad_run)
+                        self.skipped_total += skipped
+                        bad_window.zero_()
+                        self.emit(Note(f"steps {self.step - window_steps + 1}-{self.step}: {skipped} non-finite "
+                                       f"loss or gradient, update skipped ({in_row} in a row now)"))
+                        if in_row >= t.max_bad_steps:
+                            self._diverged(in_row)
                     now = time.perf_counter()
                     speed = window_images / max(now - window_start, 1e-9)
                     lr = self.scheduler.get_last_lr()[0]
@@ -608,7 +657,9 @@ class _Trainer:
                     last_saved, saved_step = self.save(last_loss), self.step
                     self.evaluate()
                     barrier(self.dist)  # the other ranks wait on the host group (long timeout) while rank 0 samples
-                if self._stop_requested():
+                # Under torchrun agreeing on a stop costs a collective: ask only when the loss is read anyway.
+                at_log = self.step % cfg.logging.log_interval == 0 or self.step % cfg.sampling.evaluation_interval == 0
+                if (at_log or not self.dist.enabled) and self._stop_requested():
                     break
         finally:
             self.stream.close()
