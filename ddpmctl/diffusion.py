@@ -36,21 +36,19 @@ class Schedule:
         else:
             betas = cosine_betas(cfg.num_diffusion_timesteps)
         abar = torch.cumprod(1 - betas, dim=0)
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        f32 = lambda x: x.to(device=device, dtype=torch.float32)  # noqa: E731
+
+        def f32(x: torch.Tensor) -> torch.Tensor:  # cast on the CPU first: MPS has no float64
+            return x.to(torch.float32).to(device)
+
         # float64 copies on the CPU: sampler steps take their coefficients as Python floats (exact, and no
-        # tiny device kernels per step); the float32 device tensors serve per-sample timesteps in training.
+        # tiny device kernels per step; the posterior of Ho et al. Eq. 6-7 is computed there, in ddpm_step).
+        # The float32 device tensors serve per-sample timesteps in training.
         self.abar64 = abar.clone()
         self.betas64 = betas.clone()
         self.betas = f32(betas)
         self.alphas_cumprod = f32(abar)
-        self.alphas_cumprod_prev = f32(abar_prev)
         self.sqrt_abar = f32(abar.sqrt())
         self.sqrt_one_minus_abar = f32((1 - abar).sqrt())
-        # Posterior q(x_{t-1} | x_t, x_0), Ho et al. Eq. 6-7.
-        self.posterior_variance = f32(betas * (1 - abar_prev) / (1 - abar))
-        self.posterior_mean_coef1 = f32(betas * abar_prev.sqrt() / (1 - abar))
-        self.posterior_mean_coef2 = f32((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar))
 
     @property
     def prediction_type(self) -> str:

@@ -87,7 +87,8 @@ def test_ddim_with_eta_one_and_all_steps_is_ddpm(schedule):
         x_ddim, _ = diffusion.ddim_step(s, x_t, t, t - 1, pred, 1.0, z)
         torch.testing.assert_close(x_ddim, x_ddpm, rtol=1e-4, atol=1e-5)
         std = ((x_ddpm - mean_ddpm) / z).mean().item()
-        assert std == pytest.approx(s.posterior_variance[t].sqrt().item(), rel=1e-3)
+        beta, abar, abar_prev = s.betas64[t], s.abar64[t], s.abar64[t - 1]
+        assert std == pytest.approx(float(beta * (1 - abar_prev) / (1 - abar)) ** 0.5, rel=1e-3)  # Ho et al. Eq. 7
     # The last step returns the clean prediction in both.
     x_t = torch.randn((2, 3, 4, 4), generator=g) * 0.1
     pred = torch.randn((2, 3, 4, 4), generator=g)
