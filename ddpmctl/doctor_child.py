@@ -25,35 +25,7 @@ import torch
 from . import diffusion
 from .config import Config, from_dict
 from .diffusion import Schedule
-from .runtime import Precision, build_model, configure_backends, resolve_precision
-
-MPS_OOM_PATTERN = re.compile(r"MPS backend out of memory", re.IGNORECASE)
-GENERIC_OOM_PATTERNS = (
-    re.compile(r"CUDA out of memory", re.IGNORECASE),
-    re.compile(r"CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_NOT_ENOUGH_WORKSPACE|CUDNN_STATUS_ALLOC_FAILED"),
-    re.compile(r"DefaultCPUAllocator: can't allocate memory", re.IGNORECASE),
-    re.compile(r"out of memory", re.IGNORECASE),
-)
-
-
-def classify_oom(exc: BaseException) -> str | None:
-    """'cuda', 'mps', 'cpu' or 'oom' when ``exc`` means the device ran out of memory, else None."""
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    text = str(exc)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return "mps" if MPS_OOM_PATTERN.search(text) else "cuda"
-    if not isinstance(exc, RuntimeError):
-        return None
-    if MPS_OOM_PATTERN.search(text):
-        return "mps"
-    if GENERIC_OOM_PATTERNS[0].search(text) or GENERIC_OOM_PATTERNS[1].search(text):
-        return "cuda"
-    if GENERIC_OOM_PATTERNS[2].search(text):
-        return "cpu"
-    if GENERIC_OOM_PATTERNS[3].search(text):
-        return "oom"
-    return None
-
+from .runtime import Precision, build_model, classify_oom, configure_backends, resolve_precision
 
 # ----------------------------------------------------------------------------- memory readings
 

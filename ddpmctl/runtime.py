@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,37 @@ import torch.distributed as dist
 from .config import Config
 from .errors import ConfigError
 from .model import UNet
+
+MPS_OOM_PATTERN = re.compile(r"MPS backend out of memory", re.IGNORECASE)
+CUDA_OOM_PATTERNS = (
+    re.compile(r"CUDA out of memory", re.IGNORECASE),
+    re.compile(r"CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_NOT_ENOUGH_WORKSPACE|CUDNN_STATUS_ALLOC_FAILED"),
+)
+CPU_OOM_PATTERN = re.compile(r"DefaultCPUAllocator: can't allocate memory", re.IGNORECASE)
+ANY_OOM_PATTERN = re.compile(r"out of memory", re.IGNORECASE)
+
+
+def classify_oom(exc: BaseException) -> str | None:
+    """'cuda', 'mps', 'cpu' or 'oom' when ``exc`` means the device ran out of memory, else None.
+
+    torch.OutOfMemoryError (CUDA's, and MPS's in recent torch), or the RuntimeError the allocators of
+    MPS, cuBLAS/cuDNN and the CPU raise for the same thing. Other exception types never count.
+    """
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    text = str(exc)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return "mps" if MPS_OOM_PATTERN.search(text) else "cuda"
+    if not isinstance(exc, RuntimeError):
+        return None
+    if MPS_OOM_PATTERN.search(text):
+        return "mps"
+    if any(p.search(text) for p in CUDA_OOM_PATTERNS):
+        return "cuda"
+    if CPU_OOM_PATTERN.search(text):
+        return "cpu"
+    if ANY_OOM_PATTERN.search(text):
+        return "oom"
+    return None
 
 
 def mps_available() -> bool:
