@@ -255,7 +255,7 @@ def ddpmctl_sampler(model: UNet, device: torch.device, precision: Precision,
 
     def run(steps: int) -> torch.Tensor:
         return sampling.sample(model, schedule, noise, sampler="ddim", steps=steps, eta=0.0,
-                               autocast=precision.autocast_factory()).images
+                               autocast=precision.autocast).images
 
     return run
 

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpmctl.inference import iter_samples, load_model, save_png  # noqa: E402
+from ddpmctl.inference import iter_samples, load_model  # noqa: E402
+from ddpmctl.sampling import save_png, tile  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +49,7 @@ def main() -> None:
             images = torch.cat([b.images for b in iter_samples(loaded, args.num, sampler, steps, seed=args.seed,
                                                               batch_size=args.batch_size)])
             seconds = time.perf_counter() - started
-            grid = torchvision.utils.make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(args.num))), padding=2,
-                                               pad_value=1.0)
+            grid = tile(images, math.ceil(math.sqrt(args.num)))
             name = f"demo_{'ema' if use_ema else 'noema'}_{sampler}{chain}.png"
             save_png(grid, args.out / name)
             rows.append({"file": str(args.out / name), "ema": use_ema, "sampler": f"{sampler.upper()}-{chain}",

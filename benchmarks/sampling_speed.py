@@ -51,7 +51,7 @@ def time_sampler(model, sched, device, precision, batch: int, sampler: str, step
 
     try:
         sample(model, sched, noise, sampler=sampler, steps=steps, generator=gen,
-               autocast=precision.autocast_factory(), callback=tick)
+               autocast=precision.autocast, callback=tick)
     except _Enough:
         pass
     per_step = (marks[-1] - marks[0]) / max(1, len(marks) - 1)  # the first step is the warm-up

@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import DataError, DdpmctlError
 from .inference import LoadedModel, SampleProgress, iter_samples
+from .sampling import to_uint8
 
 CACHE_FORMAT = 1
 INCEPTION_FEATURES = 2048  # the pool3 features FID is defined on
@@ -111,11 +112,6 @@ def num_features(extractor: nn.Module) -> int:
 def featurise(extractor: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, 3, H, W) images -> float32 (B, F) features on the CPU."""
     return extractor(images.to(device)).reshape(images.shape[0], -1).float().cpu()
-
-
-def to_uint8_chw(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, 3, H, W), the same rounding as the saved PNGs."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -285,7 +281,7 @@ def evaluate(
                              batch_size=batch_size, cache_dir=cache_dir, on_progress=on_reference, extractor_key=ident)
     chunks = []
     for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample):
-        chunks.append(featurise(extractor, to_uint8_chw(batch.images), loaded.device))
+        chunks.append(featurise(extractor, to_uint8(batch.images), loaded.device))
     fake = torch.cat(chunks)
     scores = fid_kid(ref.features, fake, seed=seed)
     return EvalResult(

@@ -8,15 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 from . import checkpoints
 from .config import Config, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
-from .runtime import Precision, build_model, prepare_for_sampling, resolve_precision, select_device
-from .sampling import SampleResult, progression_grid, sample, sampler_timesteps, to_uint8
+from .runtime import Precision, build_model, classify_oom, prepare_for_sampling, resolve_precision, select_device
+from .sampling import SampleResult, progression_grid, sample, sampler_timesteps, save_png, tile
 
 
 @dataclass
@@ -32,23 +31,13 @@ class LoadedModel:
     notes: list[str]
 
 
-def locate_checkpoint(path: str | Path) -> tuple[Path, list[str]]:
-    """PATH is a checkpoint folder, or a run folder whose newest usable checkpoint is used."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a checkpoint folder or a run folder")
-    if (path / checkpoints.META).is_file() or checkpoints._NAME.match(path.name):
-        return checkpoints.resolve_checkpoint(path.parent, str(path))
-    return checkpoints.resolve_checkpoint(path, "latest")
-
-
 def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, precision: str = "auto",
                compile: bool = False) -> LoadedModel:
     """Rebuild the network from the checkpoint's own config and load its (EMA) weights.
 
     ``compile`` runs it through torch.compile (CUDA graphs on CUDA): slow first batch, faster afterwards.
     """
-    ckpt, notes = locate_checkpoint(path)
+    ckpt, notes = checkpoints.locate(path)
     meta = checkpoints.read_meta(ckpt)
     cfg = from_dict(meta.get("config", {}), source=f"{ckpt}/meta.json")
     dev = select_device(device)
@@ -95,14 +84,6 @@ def initial_noise(seed: int, start: int, n: int, size: int) -> torch.Tensor:
     """x_T for images start..start+n-1, drawn on the CPU so it is the same on every device: (n, 3, size, size)."""
     gens = [torch.Generator(device="cpu").manual_seed(image_seed(seed, start + i, 0)) for i in range(n)]
     return torch.stack([torch.randn((3, size, size), generator=g) for g in gens])
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the RuntimeError MPS and others raise for the same thing."""
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _free_memory(device: torch.device) -> None:
@@ -156,10 +137,10 @@ def iter_samples(
             result = sample(
                 loaded.model, loaded.schedule, noise, sampler=sampler, steps=steps, eta=eta, generator=gens,
                 record_every=every, max_frames=max_frames, record=record_first and start == 0,
-                autocast=loaded.precision.autocast_factory(), callback=progress,
+                autocast=loaded.precision.autocast, callback=progress,
             )
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
-            if not is_out_of_memory(exc):
+            if classify_oom(exc) is None:
                 raise
             del noise, gens
             _free_memory(loaded.device)
@@ -179,11 +160,25 @@ def iter_samples(
         on_progress(SampleProgress(total, total, num, num, bs))
 
 
-def save_png(image: torch.Tensor, path: Path) -> Path:
-    """Write a (3, H, W) [0, 1] float image as PNG."""
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
-    return path
+OUTPUT_PATTERNS = ("sample_*.png", "samples.png", "progression.png")  # what generate writes
+
+
+def earlier_outputs(out_dir: str | Path, force: bool = False) -> list[Path]:
+    """The files of an earlier generate run in ``out_dir`` (to be replaced: only with ``force``).
+
+    Raises DdpmctlError when ``out_dir`` is a file, or when it holds earlier samples and ``force`` is off,
+    so new samples are never mixed with (or silently written over) old ones.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DdpmctlError(f"--out {out} is a file; pass a folder for the PNG files")
+    if not out.is_dir():
+        return []
+    found = sorted({p for pattern in OUTPUT_PATTERNS for p in out.glob(pattern) if p.is_file()})
+    if found and not force:
+        raise DdpmctlError(f"--out {out} already holds {len(found)} file(s) from an earlier run ({found[0].name}, ...); "
+                           "pass another folder, or --force to replace them")
+    return found
 
 
 @dataclass
@@ -191,13 +186,15 @@ class GenerateResult:
     images: list[Path]  # sample_<i>.png, in order
     grid: Path | None = None  # progression.png
     sheet: Path | None = None  # samples.png
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a batch size halved after running out of memory
+    replaced: int = 0  # files of an earlier run deleted first (force)
 
 
 def generate(
     loaded: LoadedModel,
     out_dir: str | Path,
     num: int,
+    *,
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
@@ -208,39 +205,25 @@ def generate(
     plot_freq_interval: int | None = None,
     contact_sheet: bool = False,
     grid_rows: int = 8,
-    on_progress: Callable[[SampleProgress], None] | None = None,
-) -> list[Path]:
-    """Write ``num`` PNGs (sample_00000.png, ...) into ``out_dir``; returns every file written.
-
-    ``grid`` adds progression.png (noise to image, a row per sample, at most ``grid_rows`` rows);
-    ``contact_sheet`` adds samples.png, all images (up to 256) tiled in one picture. Both come last.
-    """
-    res = generate_files(loaded, out_dir, num, sampler, steps, eta, seed, batch_size, grid, show_x0,
-                         plot_freq_interval, contact_sheet, grid_rows, on_progress)
-    return res.images + [p for p in (res.sheet, res.grid) if p is not None]
-
-
-def generate_files(
-    loaded: LoadedModel,
-    out_dir: str | Path,
-    num: int,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    eta: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 64,
-    grid: bool = False,
-    show_x0: bool = False,
-    plot_freq_interval: int | None = None,
-    contact_sheet: bool = False,
-    grid_rows: int = 8,
+    force: bool = False,
     on_progress: Callable[[SampleProgress], None] | None = None,
 ) -> GenerateResult:
-    """Like :func:`generate`, with the files sorted by kind."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``num`` PNGs (sample_00000.png, ...) into ``out_dir``, each atomically.
+
+    ``grid`` adds progression.png (noise to image, a row per sample, at most ``grid_rows`` rows);
+    ``contact_sheet`` adds samples.png, all images (up to 256) tiled in one picture. An ``out_dir`` that
+    already holds such files is refused unless ``force``, which deletes them first.
+    """
+    out = Path(out_dir).expanduser()
+    earlier = earlier_outputs(out, force)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DdpmctlError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    for p in earlier:
+        p.unlink(missing_ok=True)
     digits = max(5, len(str(num - 1)))
-    res = GenerateResult(images=[])
+    res = GenerateResult(images=[], replaced=len(earlier))
     first: SampleResult | None = None
     sheet: list[torch.Tensor] = []
 
@@ -256,16 +239,10 @@ def generate_files(
             first = batch.result
         if contact_sheet and len(sheet) < 256:
             sheet.extend(batch.images[: 256 - len(sheet)])
-        for i, img in enumerate(to_uint8(batch.images).numpy()):
-            path = out / f"sample_{batch.start + i:0{digits}d}.png"
-            Image.fromarray(img).save(path)
-            res.images.append(path)
+        for i, img in enumerate(batch.images):
+            res.images.append(save_png(img, out / f"sample_{batch.start + i:0{digits}d}.png"))
     if sheet:
-        tiles = torch.stack(sheet)
-        from torchvision.utils import make_grid  # imported here: torchvision adds ~1.5 s to every command
-
-        img = make_grid((tiles + 1) / 2, nrow=int(math.ceil(math.sqrt(len(sheet)))), padding=2, pad_value=1.0)
-        res.sheet = save_png(img, out / "samples.png")
+        res.sheet = save_png(tile(torch.stack(sheet), math.ceil(math.sqrt(len(sheet)))), out / "samples.png")
     if grid and first is not None:
         rows = min(first.images.shape[0], grid_rows)
         first = SampleResult(first.images[:rows], [f[:rows] for f in first.frames],

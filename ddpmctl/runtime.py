@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +100,6 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def autocast_factory(self) -> Callable[[], contextlib.AbstractContextManager]:
-        return self.autocast
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:

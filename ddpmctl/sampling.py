@@ -1,14 +1,15 @@
-"""Sampling loops (DDPM, DDIM, DPM-Solver++ 2M) and progression grids. No UI: progress goes to a callback."""
+"""Sampling loops (DDPM, DDIM, DPM-Solver++ 2M), progression grids, tiling and PNG writing. No UI: progress goes to a callback."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import diffusion
@@ -140,29 +141,59 @@ def grid_size(rows: int, columns: int, height: int, width: int, show_x0: bool = 
     return r * height + (r - 1) * pad, columns * width + (columns - 1) * pad
 
 
+def tile(images: torch.Tensor, columns: int, pad: int = GRID_PAD, pad_value: float = 1.0) -> torch.Tensor:
+    """Tile (N, C, H, W) images row-major, ``columns`` to a row, into one (C, H', W') image.
+
+    Tiles are separated by ``pad`` pixels of ``pad_value`` (1.0 is white for [-1, 1] images); there is no
+    border around the whole, and a short last row is filled with ``pad_value``.
+    """
+    n, c, h, w = images.shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    out = images.new_full((c, rows * h + (rows - 1) * pad, columns * w + (columns - 1) * pad), pad_value)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        out[:, r * (h + pad): r * (h + pad) + h, col * (w + pad): col * (w + pad) + w] = images[i]
+    return out
+
+
 def progression_grid(result: SampleResult, show_x0: bool = False, pad: int = GRID_PAD) -> torch.Tensor:
-    """A (3, H', W') image in [0, 1]: a row per sample, columns x_T ... x_0 and the final image.
+    """A (3, H', W') image in [-1, 1]: a row per sample, columns x_T ... x_0 and the final image.
 
     With ``show_x0`` each sample's row is followed by a row of the model's predicted x_0 at the same
     columns (its last tile is the final image again). Tiles are separated by ``pad`` white pixels.
     """
     columns = result.frames + [result.images]
     columns_x0 = result.frames_x0 + [result.images]
-    tiles_rows: list[list[torch.Tensor]] = []
+    rows: list[torch.Tensor] = []
     for b in range(result.images.shape[0]):
-        tiles_rows.append([c[b] for c in columns])
+        rows.append(torch.stack([c[b] for c in columns]))
         if show_x0:
-            tiles_rows.append([c[b] for c in columns_x0])
-
-    def hcat(tiles: list[torch.Tensor]) -> torch.Tensor:
-        padded = [F.pad(t, (0, pad), value=1.0) for t in tiles[:-1]] + [tiles[-1]]
-        return torch.cat(padded, dim=-1)
-
-    rows = [hcat([(t.clamp(-1, 1) + 1) / 2 for t in r]) for r in tiles_rows]
-    rows = [F.pad(r, (0, 0, 0, pad), value=1.0) for r in rows[:-1]] + [rows[-1]]
-    return torch.cat(rows, dim=-2).float()
+            rows.append(torch.stack([c[b] for c in columns_x0]))
+    return tile(torch.cat(rows).float().clamp(-1, 1), len(columns), pad)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images (B, 3, H, W) -> uint8 (B, H, W, 3) for saving."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """[-1, 1] float images (..., 3, H, W) -> uint8 of the same shape and device: the pixels of the PNGs."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a (3, H, W) image as PNG atomically (a temporary file, then a rename).
+
+    ``image`` is float in [-1, 1] (what the samplers return; converted by :func:`to_uint8`) or uint8.
+    """
+    from PIL import Image  # imported here: the sampling loop itself does not need Pillow
+
+    path = Path(path)
+    pixels = image if image.dtype == torch.uint8 else to_uint8(image)
+    arr = pixels.permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(arr, "RGB").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -20,6 +20,7 @@ from ddpmctl.config import resolve
 from ddpmctl.data import ImageFolderDataset
 from ddpmctl.engine import train
 from ddpmctl.inference import iter_samples, load_model
+from ddpmctl.sampling import to_uint8
 
 runner = CliRunner()
 
@@ -101,7 +102,7 @@ def test_evaluate_end_to_end_matches_direct_fid(tiny_run, tiny_images, tmp_path)
     # The same images and features, computed by hand.
     fake = torch.cat([b.images for b in iter_samples(loaded, 24, "ddim", 4, seed=5, batch_size=10)])
     with torch.no_grad():
-        f_fake = net(ev.to_uint8_chw(fake)).double().numpy()
+        f_fake = net(to_uint8(fake)).double().numpy()
         real = torch.stack([ImageFolderDataset(tiny_images, 16)[i] for i in range(64)])
         f_real = net(real).double().numpy()
     assert result.num_generated == 24 and result.num_reference == 64 and not result.reference_cached

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,8 +17,8 @@ from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
 from ddpmctl.engine import EMA, train
 from ddpmctl.errors import DdpmctlError
-from ddpmctl.inference import generate_files, iter_samples, load_model
-from ddpmctl.sampling import SampleResult, grid_size, progression_grid, record_steps
+from ddpmctl.inference import generate, iter_samples, load_model
+from ddpmctl.sampling import SampleResult, grid_size, progression_grid, record_steps, save_png, tile, to_uint8
 
 runner = CliRunner()
 
@@ -175,18 +176,34 @@ def test_grid_layout(show_x0):
     r = rows * (2 if show_x0 else 1)
     assert grid.shape == (3, r * h + (r - 1) * 2, columns * w + (columns - 1) * 2)
     assert grid.shape[1:] == grid_size(rows, columns, h, w, show_x0)
-    assert grid.min() >= 0 and grid.max() <= 1
+    assert grid.min() >= -1 and grid.max() <= 1  # [-1, 1], like the samples
     assert torch.all(grid[:, h : h + 2, :] == 1.0)  # white padding between rows
     if show_x0:  # the second row is x0_hat (1.0 -> white) except its last tile, the final image
         assert torch.all(grid[:, h + 2 : 2 * h + 2, : w] == 1.0)
-        assert torch.all(grid[:, h + 2 : 2 * h + 2, -w:] == 0.5)
+        assert torch.all(grid[:, h + 2 : 2 * h + 2, -w:] == 0.0)
+
+
+def test_tile_layout_and_png_round_trip(tmp_path):
+    images = torch.stack([torch.full((3, 4, 5), v) for v in (-1.0, -0.5, 0.0, 0.5, 1.0)])
+    sheet = tile(images, 3, pad=2, pad_value=1.0)  # two rows of three, the last one short
+    assert sheet.shape == (3, 2 * 4 + 2, 3 * 5 + 2 * 2)
+    assert torch.all(sheet[:, :4, 7:12] == -0.5) and torch.all(sheet[:, 6:, 7:12] == 1.0)  # tile 1, tile 4
+    assert torch.all(sheet[:, 6:, 14:] == 1.0)  # the missing sixth tile is background
+    path = save_png(sheet, tmp_path / "sheet.png")
+    with Image.open(path) as im:
+        pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(pixels, to_uint8(sheet))  # the same rounding the evaluation uses
+    assert [p.name for p in tmp_path.iterdir()] == ["sheet.png"]  # no temporary file left behind
 
 
 def test_generate_writes_any_number_and_the_grid(tiny_run):
     loaded = load_model(tiny_run / "working" / "tiny", device="cpu")
     out = tiny_run / "gen"
-    res = generate_files(loaded, out, 5, sampler="ddpm", batch_size=2, grid=True, show_x0=True, contact_sheet=True)
+    res = generate(loaded, out, 5, sampler="ddpm", batch_size=2, grid=True, show_x0=True, contact_sheet=True)
     assert [p.name for p in res.images] == [f"sample_{i:05d}.png" for i in range(5)]
+    expected = to_uint8(_images(loaded, num=5, sampler="ddpm", batch_size=2))
+    with Image.open(res.images[3]) as im:  # the PNG holds exactly the sampled pixels
+        assert torch.equal(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), expected[3])
     # DDPM over 20 timesteps, a column every 5: x_19, x_15, x_10, x_5, x_0, then the final image.
     with Image.open(res.grid) as im:
         assert (im.height, im.width) == grid_size(2, 6, 16, 16, show_x0=True)

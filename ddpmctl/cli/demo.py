@@ -44,8 +44,7 @@ def demo(
     run_training(cfg)
     console.print(f"[bold]3/3[/] sampling 64 images with DDIM-50 (EMA weights) into {out}", highlight=False)
     loaded = load_model(cfg.run_dir, device=cfg.run.device)
-    written = generate(loaded, out, 64, sampler="ddim", steps=50, seed=0, grid=True, contact_sheet=True)
-    sheet = next(p for p in written if p.name == "samples.png")
+    sheet = generate(loaded, out, 64, sampler="ddim", steps=50, seed=0, grid=True, contact_sheet=True, force=True).sheet
     console.print(f"[green]demo done[/] in {time.perf_counter() - started:.0f} s", highlight=False)
     console.print(f"  samples grid:     {sheet}", highlight=False)
     console.print(f"  denoising grid:   {out / 'progression.png'}", highlight=False)

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 from ..errors import ConfigError
-from ..inference import LoadedModel, SampleProgress, generate_files, load_model
+from ..inference import LoadedModel, SampleProgress, generate, load_model
 from ..sampling import SAMPLERS
 from .common import console, handle_errors
 
@@ -62,9 +62,9 @@ def sample_cmd(
     console.print(f"sampling {num} images from {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}) "
                   f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
-        res = generate_files(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                             grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval,
-                             on_progress=on_progress)
+        res = generate(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
+                       grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval, force=True,
+                       on_progress=on_progress)
     console.print(f"wrote {num} images to {out}", highlight=False)
     if res.grid is not None:
         console.print(f"progression grid: {res.grid}", highlight=False)
