@@ -226,11 +226,52 @@ def test_sample_cli(tiny_run):
 @pytest.mark.parametrize("args, message", [
     (["--sampler", "euler"], "--sampler must be ddpm, ddim or dpmpp2m"),
     (["--steps", "21", "--sampler", "ddim"], "--steps must be at most 20"),
+    (["--steps", "5", "--sampler", "ddpm"], "--steps applies to --sampler ddim or dpmpp2m"),
 ])
 def test_sample_cli_user_errors(tiny_run, args, message):
     result = runner.invoke(app, ["sample", "--checkpoint", str(tiny_run / "working" / "tiny"), "--out",
                                  str(tiny_run / "x"), *args])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def _sample(run: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["sample", "--checkpoint", str(run / "working" / "tiny"), "--out", str(out), "--num", "2",
+                               "--sampler", "ddim", "--steps", "2", *extra])
+
+
+def test_sample_cli_refuses_a_file_and_earlier_samples_unless_force(tiny_run, tmp_path):
+    file = tmp_path / "taken.png"
+    file.write_bytes(b"x")
+    res = _sample(tiny_run, file)
+    assert res.exit_code == 1 and "is a file" in res.output and "Traceback" not in res.output
+    out = tmp_path / "out"
+    assert _sample(tiny_run, out, "--num", "3", "--grid").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    res = _sample(tiny_run, out)
+    assert res.exit_code == 1 and "--force" in res.output and "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("Error:")]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"} == before  # untouched
+    res = _sample(tiny_run, out, "--force", "--seed", "9")
+    assert res.exit_code == 0, res.output
+    # Only the new run's files (and the user's own) remain: no sample_00002.png or progression.png from before.
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sample_00000.png", "sample_00001.png"]
+    assert (out / "sample_00000.png").read_bytes() != before["sample_00000.png"]
+    assert "--force" in runner.invoke(app, ["sample", "--help"]).output
+
+
+def test_sample_cli_compile_reaches_torch_compile(tiny_run, tmp_path, monkeypatch):
+    modes = []
+
+    def fake_compile(model, mode=None, **_kw):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    res = _sample(tiny_run, tmp_path / "c", "--compile", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert modes == [None]  # compiled once; CUDA graphs (reduce-overhead) are for CUDA only
+    assert len(list((tmp_path / "c").glob("sample_*.png"))) == 2
 
 
 def test_sample_cli_missing_checkpoint(tmp_path):

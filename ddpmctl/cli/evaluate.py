@@ -17,6 +17,7 @@ from .common import console, err_console, handle_errors
 from .sample import (
     BatchSizeOpt,
     CheckpointOpt,
+    CompileOpt,
     DeviceOpt,
     EtaOpt,
     NoEmaOpt,
@@ -49,12 +50,13 @@ def evaluate_cmd(
         "--cache-dir", help="where reference features are cached [default: ~/.cache/ddpmctl/reference-features]")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
 ) -> None:
     """Generate --num images and report FID and KID against the images in --data."""
     steps = check_sampler_options(sampler, steps, precision)
     if not data.is_dir():
         raise EvaluationError(f"--data {data} is not a folder of images")
-    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision)
+    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile)
     steps = check_steps(steps, loaded, sampler)
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 from ..errors import ConfigError
-from ..inference import LoadedModel, SampleProgress, generate, load_model
+from ..inference import LoadedModel, SampleProgress, earlier_outputs, generate, load_model
 from ..sampling import SAMPLERS
 from .common import console, handle_errors
 
@@ -33,12 +33,16 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images d
 NoEmaOpt = Annotated[bool, typer.Option("--no-ema", help="use the raw weights instead of the EMA weights")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the network (CUDA: CUDA graphs, mode reduce-overhead): the first batch waits "
+                      "for the compilation (a minute or more), later batches run faster; on the CPU it works too, "
+                      "but compiling is slow there and pays off only for long runs")]
 
 
 @handle_errors
 def sample_cmd(
     checkpoint: CheckpointOpt,
-    out: Annotated[Path, typer.Option("--out", help="folder for the PNG files")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNG files (refused if it holds earlier samples)")],
     num: Annotated[int, typer.Option("--num", min=1, help="number of images")] = 16,
     grid: Annotated[bool, typer.Option("--grid", help="also write progression.png (noise to image, a row per sample)")] = False,
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
@@ -52,10 +56,15 @@ def sample_cmd(
     no_ema: NoEmaOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace the sample_*.png, samples.png and progression.png already in --out "
+                        "(they are deleted before sampling)")] = False,
 ) -> None:
     """Generate --num images as PNG files in --out."""
     steps = check_sampler_options(sampler, steps, precision)
-    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision)
+    earlier_outputs(out, force)  # refuse a file, or earlier samples without --force, before loading anything
+    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     steps = check_steps(steps, loaded, sampler)
@@ -63,9 +72,10 @@ def sample_cmd(
                   f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
         res = generate(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                       grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval, force=True,
+                       grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval, force=force,
                        on_progress=on_progress)
-    console.print(f"wrote {num} images to {out}", highlight=False)
+    replaced = f" (replacing {res.replaced} earlier files)" if res.replaced else ""
+    console.print(f"wrote {num} images to {out}{replaced}", highlight=False)
     if res.grid is not None:
         console.print(f"progression grid: {res.grid}", highlight=False)
 
@@ -76,6 +86,8 @@ def check_sampler_options(sampler: str, steps: int | None, precision: str) -> in
         raise ConfigError(f"--sampler must be ddpm, ddim or dpmpp2m, not {sampler!r}")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if sampler == "ddpm" and steps is not None:
+        raise ConfigError("--steps applies to --sampler ddim or dpmpp2m; ddpm always runs every timestep of the model")
     return steps
 
 
