@@ -146,12 +146,10 @@ def test_evaluate_cli_json(tiny_run, tiny_images, tmp_path, monkeypatch):
 
 def test_offline_without_weights_is_one_clear_line(tiny_run, tiny_images, tmp_path, monkeypatch):
     """No network and no weights file: exit 1, one Error line saying where the file goes, no traceback."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fx
-
     def no_network(*_a, **_k):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(fx, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tiny_run), "--data", str(tiny_images),
                                  "--num", "4", "--device", "cpu"])
@@ -182,3 +180,75 @@ def test_evaluate_user_errors(tiny_run, tmp_path):
     assert res.exit_code == 1 and "is not a folder of images" in res.output and "Traceback" not in res.output
     with pytest.raises(Exception, match="FID and KID need at least 2"):
         ev.reference_features(empty, 16, TinyFeatures(), cache_dir=tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- the Inception weights, safely
+
+
+def test_the_inception_file_name_carries_its_hash_prefix():
+    assert ev.inception_hash_prefix() == "6726825d"
+    assert ev.inception_hash_prefix("https://example.org/weights.pth") is None
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A file shaped like the real weights (random values), and its SHA-256 prefix."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    with pytest.MonkeyPatch.context() as mp:  # build the module without any weights to copy its layout
+        mp.setattr(fx, "load_state_dict_from_url", lambda *_a, **_k: {})
+        mp.setattr(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda *_a, **_k: None)
+        net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return path, ev._sha256(path)[:8]
+
+
+def test_inception_is_downloaded_with_its_hash_and_never_unpickled_unsafely(inception_file, tmp_path, monkeypatch):
+    source, prefix = inception_file
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: prefix)
+    downloads = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        downloads.append((url, hash_prefix))
+        Path(dst).write_bytes(source.read_bytes())
+
+    real_load = torch.load
+    loads = []
+
+    def checked_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(torch, "load", checked_load)
+    net = ev.load_inception()
+    assert downloads == [(ev.inception_url(), prefix)] and ev.default_inception_path().is_file()
+    expected = real_load(source, weights_only=True)
+    torch.testing.assert_close(net.state_dict()["fc.weight"], expected["fc.weight"])
+    ev.load_inception()  # the second time from the cache, verified again
+    assert len(downloads) == 1 and loads == [True, True]  # torch-fidelity itself never loaded anything
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, ("PWNED_MARKER_DIR",))
+
+
+def test_a_cached_file_with_pickled_objects_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": _Payload()}, bad)
+    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: ev._sha256(bad)[:8])
+    with pytest.raises(ev.EvaluationError, match="is not the Inception weights file"):
+        ev.load_inception(bad)
+    assert not (tmp_path / "PWNED_MARKER_DIR").exists()
+
+
+def test_a_file_with_the_wrong_hash_is_refused_before_loading(tmp_path, monkeypatch):
+    wrong = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, wrong)
+    monkeypatch.setattr(torch, "load", lambda *_a, **_k: pytest.fail("loaded a file with the wrong hash"))
+    with pytest.raises(ev.EvaluationError, match="SHA-256 does not start with 6726825d"):
+        ev.load_inception(wrong)
