@@ -15,37 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import DataError
 from .prepare import (
     IMAGE_EXTENSIONS,
     PACK_FILE,
+    describe_error,
     find_images,
     load_square,
-    open_image,
     pack_digest,
     prepared_files,
     read_manifest,
-    square,
-    to_rgb,
 )
 
 # Scanning (find_images, IMAGE_EXTENSIONS) and conversion live in prepare.py, shared with `ddpmctl prepare`.
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image the right way up as RGB (first frame of animations; transparency onto white)."""
-    with open_image(path) as im:
-        im.seek(0)
-        im.load()
-        return to_rgb(ImageOps.exif_transpose(im), (255, 255, 255))
-
-
-def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to ``size`` with antialiasing, then cut the centre square."""
-    return square(im, size, "center")
 
 
 def pil_to_uint8(im: Image.Image) -> torch.Tensor:
@@ -87,10 +72,15 @@ class PreparedDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, idx: int) -> torch.Tensor:
-        with Image.open(self.files[idx]) as im:
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            a = np.asarray(im)
+        try:
+            with Image.open(self.files[idx]) as im:
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                a = np.asarray(im)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise DataError(f"prepared image {self.files[idx]} is damaged or unreadable ({describe_error(exc)}): "
+                            "delete it and run 'ddpmctl prepare' again with the same SRC and DST to "
+                            "rewrite it") from None
         if a.shape != (self.img_size, self.img_size, 3):
             raise DataError(f"{self.files[idx]} is {a.shape[1]}x{a.shape[0]}, not {self.img_size}x{self.img_size}: "
                             "the prepared folder was changed by hand; run 'ddpmctl prepare' again")
@@ -248,6 +238,19 @@ def _worker_ignores_ctrl_c(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_message(exc: BaseException) -> str:
+    """The message a DataLoader worker raised, without the "Caught ... Original Traceback" torch wraps it in."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(name)
+    if at < 0:
+        name = f"{type(exc).__qualname__}: "
+        at = text.rfind(name)
+    return text[at + len(name):].strip() if at >= 0 else text.strip().splitlines()[-1]
+
+
 class BatchStream:
     """Endless iterator over batches that tracks (epoch, samples taken in the epoch) for exact resume."""
 
@@ -289,6 +292,8 @@ class BatchStream:
                 self._it = None
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
+            except DataError as exc:  # from a worker, torch adds its traceback to the message: keep the user's line
+                raise type(exc)(worker_message(exc)) from None
             self.position += batch.shape[0]
             return batch
 

@@ -329,11 +329,13 @@ def _check_settings(manifest: dict[str, Any], s: Settings, dst: Path) -> None:
 
 def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center", small: str = "upscale",
             background: tuple[int, int, int] = (255, 255, 255), workers: int | None = None, pack: bool | None = None,
-            on_progress: ProgressFn | None = None) -> PrepareResult:
+            force: bool = False, on_progress: ProgressFn | None = None) -> PrepareResult:
     """Convert every image under ``src`` into ``dst`` (only new or changed ones on a rerun); see the module doc.
 
     ``pack``: True writes the packed array, False removes it, None keeps one up to date if it exists.
-    Raises DataError for a missing ``src``, changed settings, or when no usable image was found.
+    Outputs whose source is gone from ``src`` are deleted, so a ``dst`` prepared from another folder is
+    refused unless ``force``; and when ``src`` yields no usable image, nothing in ``dst`` is deleted.
+    Raises DataError for a missing ``src``, changed settings, another source, or when no usable image was found.
     """
     started = time.perf_counter()
     progress = on_progress or (lambda phase, done, total: None)
@@ -357,11 +359,18 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     if old is not None:
         _check_settings(old, settings, dst)
     old_images: dict[str, dict[str, Any]] = dict(old["images"]) if old else {}
+    recorded = old.get("source") if old else None
+    if old_images and recorded and recorded != str(src.resolve()) and not force:
+        raise DataError(f"{dst} holds images prepared from {recorded}, not from {src.resolve()}: prepare into "
+                        f"another DST, or pass --force to replace them with the images of {src}")
 
     progress("scan", 0, 0)
     sources = find_images(src, exclude=dst)
     rels = [p.relative_to(src).as_posix() for p in sources]
     progress("scan", len(sources), len(sources))
+    if not sources and old_images:  # an empty SRC (a drive that is not mounted?) must not wipe the prepared set
+        raise DataError(f"no images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+                        f"recursively); the {len(old_images)} images prepared in {dst} were left as they are")
     result = PrepareResult(dst=dst, settings=settings)
 
     # Sources whose size and mtime are unchanged, and whose output still exists, need no work at all;
@@ -400,6 +409,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
                 "count": len(images), "images": {k: images[k] for k in sorted(images)},
                 "pack": old.get("pack") if old else None}
 
+    stale: list[Path] = []  # outputs of sources that became unusable
     try:
         for i, (rel, job, res) in enumerate(zip(job_rels, jobs, _run(jobs, workers), strict=True), start=1):
             status = res.pop("status")
@@ -416,19 +426,24 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
                     result.small.append(rel)
                 else:
                     result.rejected.append((rel, res["reason"]))
-                _remove(dst / out_rel)  # a source that became unusable must not leave its old output behind
+                stale.append(dst / out_rel)  # a source that became unusable must not leave its old output behind
             progress("convert", done_before + i, len(sources))
             if time.monotonic() - last_save > 60:  # an interrupted long run keeps what it finished
                 _write_json(dst / MANIFEST, manifest_now())
                 last_save = time.monotonic()
     finally:
-        # Sources that disappeared: delete their outputs (the prepared set mirrors SRC).
-        seen = set(rels)
-        for rel, entry in old_images.items():
-            if rel not in seen:
-                _remove(dst / entry["file"])
-                result.removed += 1
-        _write_json(dst / MANIFEST, manifest_now())
+        # The prepared set mirrors SRC: outputs of sources that are gone or unusable are deleted, but only if
+        # SRC yielded usable images at all; otherwise DST (and its manifest) stay as they were.
+        keep_old = not images and old is not None
+        if not keep_old:
+            seen = set(rels)
+            for path in stale:
+                _remove(path)
+            for rel, entry in old_images.items():
+                if rel not in seen:
+                    _remove(dst / entry["file"])
+                    result.removed += 1
+            _write_json(dst / MANIFEST, manifest_now())
 
     result.small = sorted(set(result.small) | {rel for rel, e in images.items() if e.get("small")})
     result.count = len(images)
@@ -436,14 +451,17 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     manifest["rejected"] = [{"source": rel, "reason": reason} for rel, reason in result.rejected]
     if result.count:
         _update_pack(dst, manifest, pack, result, progress)
-    _write_json(dst / MANIFEST, manifest)
+    if not keep_old:
+        _write_json(dst / MANIFEST, manifest)
     result.report = dst / REPORT
     result.report.write_text(format_report(src, result))
     result.seconds = time.perf_counter() - started
     if result.count == 0:
         why = (f"{len(result.rejected)} file(s) could not be read, {len(result.small)} skipped as smaller than {size}px"
                if sources else f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively")
-        raise DataError(f"no usable image in {src} ({why}); details in {result.report}")
+        kept = (f"; the {len(old_images)} images prepared in {dst} before were left as they are"
+                if keep_old and old_images else "")
+        raise DataError(f"no usable image in {src} ({why}); details in {result.report}{kept}")
     return result
 
 
@@ -493,8 +511,14 @@ def _update_pack(dst: Path, manifest: dict[str, Any], pack: bool | None, result:
     # (count, 3, N, N): channel-first like the dataset items, so a batch is one slice with no transpose.
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            del arr
+            _remove(tmp)
+            raise DataError(f"prepared image {f} is damaged or unreadable ({describe_error(exc)}): delete it and "
+                            "run 'ddpmctl prepare' again to rewrite it") from None
         if a.shape != (size, size, 3):
             raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]}, not {size}x{size}: run 'ddpmctl prepare' again")
         arr[i] = a.transpose(2, 0, 1)

@@ -301,3 +301,74 @@ def test_same_stem_files_and_dst_inside_src(tmp_path):
     assert {rel: e["file"] for rel, e in manifest["images"].items()} == {"a.jpg": "images/a.png",
                                                                           "a.png": "images/a.png.png"}
     assert (out_of(dst, "a.png") == BLUE).all() and (out_of(dst, "a.jpg").astype(int)[..., 0] > 240).all()
+
+
+def test_another_src_into_the_same_dst_is_refused_unless_forced(tmp_path):
+    a, b, dst = tmp_path / "a", tmp_path / "b", tmp_path / "dst"
+    for folder, seed in ((a, 1), (b, 2)):
+        folder.mkdir()
+        noise(20, 20, seed=seed).save(folder / f"{folder.name}.png")
+    prepare(a, dst, N, workers=1)
+    before = sorted(p.name for p in (dst / "images").iterdir())
+    result = run("prepare", b, dst, "--size", N, "--workers", 1)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    text = " ".join(result.output.split())
+    assert f"prepared from {a.resolve()}" in text and "--force" in text
+    assert sorted(p.name for p in (dst / "images").iterdir()) == before == ["a.png"]
+    result = run("prepare", b, dst, "--size", N, "--workers", 1, "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (dst / "images").iterdir()) == ["b.png"]
+    assert json.loads((dst / MANIFEST).read_text())["source"] == str(b.resolve())
+
+
+def test_an_empty_or_unusable_src_deletes_nothing(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(3):
+        noise(20, 20, seed=i).save(src / f"{i}.png")
+    prepare(src, dst, N, workers=1, pack=True)
+    manifest = (dst / MANIFEST).read_bytes()
+    outputs = sorted((dst / "images").iterdir())
+    for f in src.iterdir():  # the drive is not mounted: the mount point is an empty folder
+        f.unlink()
+    with pytest.raises(DataError, match="no images found in .* the 3 images prepared in .* were left as they are"):
+        prepare(src, dst, N, workers=1)
+    (src / "0.png").write_bytes(b"garbage")  # only unusable files
+    with pytest.raises(DataError, match="no usable image in .* the 3 images prepared in .* before were left"):
+        prepare(src, dst, N, workers=1)
+    assert sorted((dst / "images").iterdir()) == outputs and (dst / MANIFEST).read_bytes() == manifest
+    assert isinstance(build_dataset(dst, N)[0], PackedDataset)
+
+
+class FailsInWorker(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        raise DataError(f"image {idx} is bad: run 'ddpmctl prepare' again")
+
+
+def test_a_data_error_in_a_loader_worker_keeps_only_its_own_line():
+    stream = BatchStream(FailsInWorker(), batch_size=2, num_workers=1, pin_memory=False)
+    try:
+        with pytest.raises(DataError) as err:
+            next(stream)
+    finally:
+        stream.close()
+    assert str(err.value) in ("image 0 is bad: run 'ddpmctl prepare' again", "image 1 is bad: run 'ddpmctl prepare' again")
+
+
+def test_a_corrupted_prepared_png_is_a_one_line_error_even_from_a_worker(tmp_path, tiny_images):
+    dst = tmp_path / "dst"
+    prepare(tiny_images, dst, N, workers=1)
+    broken = sorted((dst / "images").iterdir())[5]
+    broken.write_bytes(broken.read_bytes()[:40])  # cut short inside the image data
+    ds, _ = build_dataset(dst, N)
+    with pytest.raises(DataError, match=f"prepared image {broken} is damaged .* run 'ddpmctl prepare' again"):
+        ds[5]
+    result = run("train", *tiny_args(dst, tmp_path, steps=2, num_workers=1, batch_size=64))
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and "Original Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert f"prepared image {broken} is damaged" in text and "'ddpmctl prepare' again" in text

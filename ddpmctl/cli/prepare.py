@@ -31,6 +31,8 @@ def prepare_cmd(
                                                  "default: keep an existing one up to date", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="worker processes (default: all cores)",
                                                    show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="DST was prepared from another SRC: replace its images with "
+                                        "those of SRC (outputs of sources not in SRC are deleted)")] = False,
 ) -> None:
     """Check, convert and resize every image under SRC into an N x N RGB training set in DST."""
     if crop not in CROPS:
@@ -50,7 +52,7 @@ def prepare_cmd(
 
         try:
             result = prepare(src, dst, size, crop=crop, small=small, background=color, workers=workers, pack=pack,
-                             on_progress=on_progress)
+                             force=force, on_progress=on_progress)
         except KeyboardInterrupt:
             progress.stop()
             console.print("interrupted: the images converted so far are kept; run the same command again to "
