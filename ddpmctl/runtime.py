@@ -168,6 +168,10 @@ def init_distributed(device_name: str) -> DistInfo:
     if world <= 1 or dist.is_initialized():
         return info
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name == "mps" or (device_name == "auto" and not use_cuda and mps_available()):
+        # gloo cannot all-reduce MPS tensors, and NCCL needs CUDA: there is no backend for DDP on MPS.
+        raise ConfigError(f"torchrun needs CUDA GPUs or --device cpu (this would train {world} processes on "
+                          "MPS, which torch.distributed cannot do); on one Mac, run ddpmctl without torchrun")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     # The per-step collectives (gradients, loss, stop flag) run on this group; waits for rank 0's
