@@ -11,6 +11,9 @@ Layout of ``RUN_DIR/checkpoint_<step>/``:
 A checkpoint is first written to ``RUN_DIR/.tmp-checkpoint_<step>-<pid>/``, each file flushed and
 fsynced, then renamed into place and the parent directory fsynced. Rotation runs only after that, and
 deletes by renaming a folder out of the way first, so a checkpoint folder is either whole or absent.
+
+``RUN_DIR/.lock`` is flock-ed by the one process training the run (see :class:`RunLock`), and
+``RUN_DIR/abandoned/`` keeps the checkpoints newer than the one a run was resumed from.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+
+try:  # POSIX only: on Windows runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -39,6 +47,8 @@ EMA = "ema.safetensors"
 STATE = "training_state.pt"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 _SCRATCH = (".tmp-checkpoint_", ".old-checkpoint_", ".trash-checkpoint_")  # prefixes of our own scratch folders
+LOCK = ".lock"  # RUN_DIR/.lock: flock-ed by the process training the run (rank 0), and by prune
+ABANDONED = "abandoned"  # RUN_DIR/abandoned/: checkpoints newer than the one a run was resumed from
 
 
 @dataclass
@@ -305,10 +315,6 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> tuple[Path
         info = inspect_checkpoint(candidate, verify_hashes=True)
         if not info.complete:
             raise CheckpointError(f"{candidate} is {info.problem}; {_existing(run_dir)}")
-        newer = [c.name for c in list_checkpoints(candidate.parent) if c.complete and c.step > info.step]
-        if newer:
-            notes.append(f"resuming from {candidate.name} although {', '.join(newer)} exist(s): training "
-                         "overwrites them when it reaches their step")
         return candidate, notes
     skipped = []
     for info in reversed(list_checkpoints(run_dir)):
@@ -319,6 +325,38 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> tuple[Path
             return checked.path, notes
         skipped.append(f"{info.name} is {checked.problem}")
     raise CheckpointError(f"no usable checkpoint in {run_dir}; {_existing(run_dir)}")
+
+
+def set_aside_newer(run_dir: str | Path, resumed: Path) -> list[str]:
+    """Move the complete checkpoints of ``run_dir`` newer than ``resumed`` into ``RUN_DIR/abandoned/`` (none deleted).
+
+    Resuming from an older checkpoint starts a new branch: left in place, the abandoned branch's newer
+    checkpoints would be what 'latest' and rotation pick. Returns notes saying what went where.
+    """
+    run_dir = Path(run_dir)
+    step = inspect_checkpoint(resumed).step
+    # Damaged newer folders stay: 'latest' passes over them and the new branch replaces them at their step.
+    newer = [c for c in list_checkpoints(run_dir)
+             if c.complete and c.step > step and c.path.resolve() != Path(resumed).resolve()]
+    if not newer:
+        return []
+    aside = run_dir / ABANDONED
+    moved = []
+    try:
+        aside.mkdir(exist_ok=True)
+        for c in newer:
+            target, n = aside / c.name, 2
+            while target.exists():  # abandoned twice at the same step: keep both
+                target, n = aside / f"{c.name}-{n}", n + 1
+            c.path.rename(target)
+            moved.append(c.name)
+        _fsync_dir(aside)
+        _fsync_dir(run_dir)
+    except OSError as exc:
+        raise CheckpointError(f"could not move {run_dir / newer[len(moved)].name} aside into {aside}: "
+                              f"{exc.strerror or exc}") from None
+    return [f"resuming from {Path(resumed).name}: the newer {', '.join(moved)} moved to {aside} "
+            "(not deleted; 'latest' and rotation no longer see them)"]
 
 
 def _existing(run_dir: Path) -> str:
@@ -407,6 +445,103 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return dropped
 
 
+# ----------------------------------------------------------------------------- the run's lock
+
+
+class RunInUseError(CheckpointError):
+    """Another process holds the run's lock (it is training this run)."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` while this process trains (or prunes) the run.
+
+    The lock belongs to the open file: closing it (release, or the process ending, even by kill -9)
+    frees it, so a stale lock file never blocks anyone. The file holds the owner's pid, for the message,
+    and is removed on release (a process that opened it just before checks it still is the file at
+    that path once it has the lock, and otherwise starts over). Where ``fcntl`` is missing (Windows)
+    nothing is locked.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, create: bool = False) -> RunLock:
+        """Take the lock (``create``: make the run folder first); RunInUseError if another process has it."""
+        if self._fd is not None or fcntl is None:
+            return self
+        while True:
+            try:
+                if create:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                what = "create the run folder" if create and not self.run_dir.is_dir() else "write to"
+                raise ConfigError(f"cannot {what} {self.run_dir}: {exc.strerror or exc}; pass a "
+                                  "--working-directory you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                raise RunInUseError(f"run {self.run_dir} is in use by another ddpmctl process"
+                                    f"{f' (pid {owner})' if owner else ''}: wait for it to finish or stop it "
+                                    "first") from None
+            except OSError:  # a file system without locks (some network mounts): go on unlocked
+                os.close(fd)
+                return self
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except OSError:
+                pass
+            os.close(fd)  # the previous holder removed this file as we opened it: take the new one
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for the message
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.unlink(self.path)  # while still locked: whoever opens the path next gets a new file
+            except OSError:
+                pass
+            os.close(fd)  # closing the file frees the lock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def ensure_not_in_use(run_dir: str | Path) -> None:
+    """RunInUseError if a process is training ``run_dir`` now (takes and at once releases the lock)."""
+    with RunLock(run_dir):
+        pass
+
+
 # ----------------------------------------------------------------------------- prune
 
 
@@ -462,7 +597,15 @@ def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) ->
 
 
 def execute_prune(plan: PrunePlan) -> list[Path]:
-    """Delete what ``plan`` marks for removal; the newest complete checkpoint is re-checked and spared."""
+    """Delete what ``plan`` marks for removal; the newest complete checkpoint is re-checked and spared.
+
+    Refused (RunInUseError) while a training process holds the run's lock.
+    """
+    with RunLock(plan.run_dir):
+        return _execute_prune(plan)
+
+
+def _execute_prune(plan: PrunePlan) -> list[Path]:
     newest = [c for c in list_checkpoints(plan.run_dir) if c.complete][-1:]
     spared = {c.path.resolve() for c in newest}
     removed = []
@@ -472,7 +615,10 @@ def execute_prune(plan: PrunePlan) -> list[Path]:
         try:
             _discard(info.path)
         except FileNotFoundError:
-            continue  # gone meanwhile (a training run rotating its own checkpoints)
+            continue  # gone meanwhile
+        except OSError as exc:
+            done = f" ({len(removed)} deleted before it)" if removed else ""
+            raise CheckpointError(f"could not delete {info.path}: {exc.strerror or exc}{done}") from None
         removed.append(info.path)
     _fsync_dir(plan.run_dir)
     return removed

@@ -148,13 +148,31 @@ def test_folder_without_completion_marker_is_never_used(tmp_path: Path) -> None:
     assert "checkpoint_2 (incomplete: no meta.json" in message
 
 
-def test_named_checkpoint_accepts_number_and_notes_newer_ones(tmp_path: Path) -> None:
+def test_named_checkpoint_accepts_number(tmp_path: Path) -> None:
     for step in (5, 10):
         fake_checkpoint(tmp_path, step)
-    path, notes = ck.resolve_checkpoint(tmp_path, "5")
-    assert path == tmp_path / "checkpoint_5" and "checkpoint_10" in notes[0]
+    assert ck.resolve_checkpoint(tmp_path, "5") == (tmp_path / "checkpoint_5", [])  # moves nothing: sample uses it too
     with pytest.raises(CheckpointError, match="checkpoint_7 not found .* it holds: checkpoint_5, checkpoint_10"):
         ck.resolve_checkpoint(tmp_path, "checkpoint_7")
+
+
+def test_newer_checkpoints_are_set_aside_not_deleted_and_not_listed(tmp_path: Path) -> None:
+    for step in (5, 10, 15):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint_20").mkdir()  # a damaged newer one stays: the resumed run replaces it at step 20
+    notes = ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
+    aside = tmp_path / ck.ABANDONED
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_10", "checkpoint_15"]
+    assert ck.inspect_checkpoint(aside / "checkpoint_15", verify_hashes=True).complete
+    assert len(notes) == 1 and "checkpoint_10, checkpoint_15" in notes[0] and str(aside) in notes[0]
+    assert [c.name for c in ck.list_checkpoints(tmp_path)] == ["checkpoint_5", "checkpoint_20"]
+    fake_checkpoint(tmp_path, 10)  # the new branch reaches step 10, then a resume from 5 again abandons it too
+    ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_10", "checkpoint_10-2", "checkpoint_15"]
+    assert ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5") == []
+    result = runner.invoke(app, ["checkpoints", "list", str(tmp_path)])
+    assert result.exit_code == 0 and "checkpoint_15" not in result.output.replace(str(tmp_path), "")
+    assert "resume uses checkpoint_5" in result.output and "abandoned" in result.output
 
 
 # ----------------------------------------------------------------------------- safe loading

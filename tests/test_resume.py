@@ -172,6 +172,22 @@ def test_resume_cli_needs_only_name_and_folder_and_extends_with_more_steps(
     assert "lastcheckpoint" + str(run / "checkpoint_15") in "".join(result.output.split())
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_branch_aside(
+    data: Path, tmp_path: Path, straight: Path
+) -> None:
+    run = tmp_path / "w" / "branch"
+    shutil.copytree(straight, run)  # checkpoint_4, _8 and _12
+    notes: list[str] = []
+    opts = options(data, tmp_path, "branch", num_training_steps=5, resume_from_checkpoint="checkpoint_4")
+    train(config_mod.resolve_for_resume(None, opts), lambda e: notes.extend(getattr(e, "notes", [])))
+    aside = run / ck.ABANDONED
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_12", "checkpoint_8"]
+    assert any("checkpoint_8, checkpoint_12 moved to" in n and str(aside) in n for n in notes), notes
+    assert [c.name for c in ck.list_checkpoints(run)] == ["checkpoint_4", "checkpoint_5"]
+    assert ck.resolve_checkpoint(run) == (run / "checkpoint_5", [])  # 'latest' is the new branch
+    assert_same_weights(aside / "checkpoint_12", straight / "checkpoint_12")  # kept, untouched
+
+
 def test_resume_falls_back_from_a_truncated_checkpoint_with_a_note(data: Path, tmp_path: Path) -> None:
     opts = options(data, tmp_path, "fallback", num_training_steps=8)
     train(config_mod.resolve(None, opts))

@@ -78,6 +78,10 @@ def list_cmd(run_dir: RunDirArg) -> None:
     total = sum(c.size_bytes for c in found)
     newest = f"; resume uses {good[-1].name}" if good else "; none is usable"
     console.print(f"{len(found)} checkpoint(s), {human_size(total)}{newest}", highlight=False)
+    aside = run_dir / ck.ABANDONED
+    if aside.is_dir() and any(aside.iterdir()):
+        console.print(f"{aside} holds the checkpoints a resume from an older step set aside (not listed above)",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("prune")
@@ -106,6 +110,7 @@ def prune_cmd(
     if dry_run:
         console.print("dry run: nothing deleted", highlight=False)
         return
+    ck.ensure_not_in_use(run_dir)  # before asking; execute_prune holds the lock while it deletes
     if not yes:
         if not typer.confirm("Delete them?", default=False, err=True):
             err_console.print("nothing deleted", highlight=False)
