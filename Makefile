@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ddpmctl tests benchmarks
 
 demo: $(STAMP)  ## build the demo data, train on the CPU, sample a grid
-	$(BIN)/python -m ddpmctl.cli.demo --data data/demo --work $(WORK) --generated $(GEN) --out $(OUT)/demo
+	$(BIN)/python -m ddpmctl.cli.demo --config configs/demo_cpu.yaml --data data/demo --work $(WORK) --generated $(GEN) --out $(OUT)/demo
 
 bench: $(STAMP)  ## ddpmctl against diffusers on this machine, then data-loading throughput
 	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)

@@ -31,11 +31,10 @@ def demo(
 ) -> None:
     """Train the demo model on procedurally drawn shapes and write a grid of samples."""
     started = time.perf_counter()
-    cfg = config_mod.load_yaml(config)
-    console.print(f"[bold]1/3[/] drawing {num_images} demo images into {data}", highlight=False)
-    make_demo_dataset(data, num_images=num_images, size=cfg.model.img_size, seed=cfg.run.seed)
     overrides = {"path_to_data": str(data), "working_directory": work, "generated_directory": generated}
     cfg = config_mod.resolve(config, overrides)
+    console.print(f"[bold]1/3[/] drawing {num_images} demo images into {data}", highlight=False)
+    make_demo_dataset(data, num_images=num_images, size=cfg.model.img_size, seed=cfg.run.seed)
     if (cfg.run_dir / "config.yaml").is_file():
         console.print(f"[bold]2/3[/] continuing the existing demo run in {cfg.run_dir}", highlight=False)
         cfg = config_mod.resolve_for_resume(config, overrides)
@@ -43,7 +42,7 @@ def demo(
         console.print(f"[bold]2/3[/] training in {cfg.run_dir}", highlight=False)
     run_training(cfg)
     console.print(f"[bold]3/3[/] sampling 64 images with DDIM-50 (EMA weights) into {out}", highlight=False)
-    loaded = load_model(cfg.run_dir, device=cfg.run.device)
+    loaded = load_model(cfg.run_dir, device=cfg.run.device, precision=cfg.training.precision)
     sheet = generate(loaded, out, 64, sampler="ddim", steps=50, seed=0, grid=True, contact_sheet=True, force=True).sheet
     console.print(f"[green]demo done[/] in {time.perf_counter() - started:.0f} s", highlight=False)
     console.print(f"  samples grid:     {sheet}", highlight=False)
