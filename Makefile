@@ -15,6 +15,7 @@ NAME        ?=
 CHECKPOINT  ?= $(WORK)/demo
 OUT         ?= runs/samples
 NUM         ?= 64
+FORCE       ?=
 STAMP       := $(VENV)/.installed
 
 .PHONY: help install test demo lint bench train resume sample doctor clean
@@ -22,7 +23,7 @@ STAMP       := $(VENV)/.installed
 help:  ## list the targets and the variables they use
 	@echo "targets: install test demo lint bench train resume sample doctor clean"
 	@echo "variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) GEN=$(GEN) NAME=$(NAME)"
-	@echo "           CHECKPOINT=$(CHECKPOINT) OUT=$(OUT) NUM=$(NUM) TORCH_SPEC='$(TORCH_SPEC)'"
+	@echo "           CHECKPOINT=$(CHECKPOINT) OUT=$(OUT) NUM=$(NUM) FORCE=$(FORCE) TORCH_SPEC='$(TORCH_SPEC)'"
 	@echo "example:   make train CONFIG=configs/celeba_128_m3_ultra.yaml DATA=./celeb_hq_128 NAME=faces"
 
 $(STAMP): pyproject.toml
@@ -54,7 +55,7 @@ resume: $(STAMP)
 	$(BIN)/ddpmctl resume --working-directory $(WORK) $(if $(NAME),--experiment-name $(NAME))
 
 sample: $(STAMP)
-	$(BIN)/ddpmctl sample --checkpoint $(CHECKPOINT) --out $(OUT) --num $(NUM) --grid
+	$(BIN)/ddpmctl sample --checkpoint $(CHECKPOINT) --out $(OUT) --num $(NUM) --grid $(if $(FORCE),--force)
 
 doctor: $(STAMP)
 	$(BIN)/ddpmctl doctor

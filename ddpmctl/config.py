@@ -72,7 +72,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # gradient-norm clipping threshold; 0 turns clipping off
     ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
     ema_warmup: bool = True  # ramp the EMA decay as (1+n)/(10+n) so early samples are not noise
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, else fp32; bf16 also runs on MPS and bf16-capable CPUs
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32; bf16 also on MPS, bf16 CPUs
     compile: bool = False  # torch.compile the model (slow first steps, faster afterwards)
     channels_last: bool = True  # channels-last memory format on CUDA (faster convolutions)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
