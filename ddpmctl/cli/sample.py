@@ -44,7 +44,8 @@ def sample_cmd(
     checkpoint: CheckpointOpt,
     out: Annotated[Path, typer.Option("--out", help="folder for the PNG files (refused if it holds earlier samples)")],
     num: Annotated[int, typer.Option("--num", min=1, help="number of images")] = 16,
-    grid: Annotated[bool, typer.Option("--grid", help="also write progression.png (noise to image, a row per sample)")] = False,
+    grid: Annotated[bool, typer.Option(
+        "--grid", help="also write progression.png (noise to image, a row per sample) and samples.png (all tiled)")] = False,
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
     plot_freq_interval: Annotated[Optional[int], typer.Option(
         "--plot-freq-interval", min=1, help="with --grid: timesteps between columns [default: the run's]")] = None,
@@ -72,12 +73,14 @@ def sample_cmd(
                   f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
         res = generate(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
-                       grid=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval, force=force,
-                       on_progress=on_progress)
+                       grid=grid, contact_sheet=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval,
+                       force=force, on_progress=on_progress)
     replaced = f" (replacing {res.replaced} earlier files)" if res.replaced else ""
     console.print(f"wrote {num} images to {out}{replaced}", highlight=False)
     if res.grid is not None:
         console.print(f"progression grid: {res.grid}", highlight=False)
+    if res.sheet is not None:
+        console.print(f"all samples in one picture: {res.sheet}", highlight=False)
 
 
 def check_sampler_options(sampler: str, steps: int | None, precision: str) -> int | None:
