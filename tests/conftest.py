@@ -9,7 +9,9 @@ import torch
 
 from ddpmctl.data import make_demo_dataset
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models run fastest on one thread, and two OpenMP threads on a busy 2-core machine spin against
+# each other (up to 15x slower): every test runs single-threaded.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,6 @@ from ddpmctl.diffusion import Schedule
 from ddpmctl.sampling import sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are up to 15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sched(**kw) -> Schedule:
     return Schedule(DiffusionConfig(**kw))
 

@@ -25,14 +25,6 @@ from ddpmctl.sampling import to_uint8
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyFeatures(torch.nn.Module):
     """A small random conv net standing in for Inception: uint8 (B, 3, H, W) -> (B, 12)."""
 

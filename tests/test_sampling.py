@@ -23,14 +23,6 @@ from ddpmctl.sampling import SampleResult, grid_size, progression_grid, record_s
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are up to 15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_overrides(data: Path, work: Path, **extra: object) -> dict:
     base = {
