@@ -36,11 +36,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="bf16", help="autocast for sampling (the demo trains in bf16)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for use_ema in (True, False):
-        loaded = load_model(args.run, device=args.device, use_ema=use_ema)
+        loaded = load_model(args.run, device=args.device, use_ema=use_ema, precision=args.precision)
         if use_ema and not loaded.ema:
             sys.exit(f"{loaded.checkpoint} has no EMA weights: train the demo with EMA on")
         for sampler, steps in (("ddpm", None), ("ddim", args.ddim_steps)):
@@ -56,6 +57,7 @@ def main() -> None:
                          "images": args.num, "seconds": round(seconds, 1), "step": loaded.step})
             print(f"{name:28s} {seconds:7.1f} s  ({args.num} images, checkpoint step {loaded.step})", flush=True)
     print(json.dumps({"benchmark": "demo_comparisons", "run": str(args.run), "device": args.device,
+                      "precision": loaded.precision.name,
                       "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "rows": rows}))
 
 
