@@ -110,7 +110,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -152,7 +153,7 @@ def save_checkpoint(
         files = {}
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         full_meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -210,7 +211,7 @@ def inspect_checkpoint(path: str | Path, verify_hashes: bool = False) -> Checkpo
             return CheckpointInfo(path, step, False, f"damaged: {name} is missing", meta)
         if f.stat().st_size != size:
             return CheckpointInfo(path, step, False, f"damaged: {name} is truncated or changed", meta)
-        if verify_hashes and _sha256(f) != digest:
+        if verify_hashes and sha256_file(f) != digest:
             return CheckpointInfo(path, step, False, f"damaged: {name} does not match its checksum", meta)
     return CheckpointInfo(path, step, True, None, meta)
 

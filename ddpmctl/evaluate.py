@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoints import sha256_file
 from .errors import DataError, DdpmctlError
 from .inference import LoadedModel, SampleProgress, iter_samples
 from .sampling import to_uint8
@@ -66,14 +67,6 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / inception_url().rsplit("/", 1)[-1]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_inception(url: str, path: Path) -> None:
     """Download the weights to ``path`` (via a temporary file), checking the SHA-256 prefix in the file name."""
     try:
@@ -96,7 +89,7 @@ def verified_state_dict(path: Path, url: str) -> dict[str, torch.Tensor]:
     """
     expected = inception_hash_prefix(url)
     why = ""
-    if expected and not _sha256(path).startswith(expected):
+    if expected and not sha256_file(path).startswith(expected):
         why = f"its SHA-256 does not start with {expected}"
     else:
         try:
@@ -113,7 +106,7 @@ def verified_state_dict(path: Path, url: str) -> dict[str, torch.Tensor]:
 def inception_from_state_dict(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """torchmetrics' NoTrainInceptionV3 holding ``state_dict`` (already verified).
 
-    torch-fidelity only loads weights itself (a download, or ``torch.load(weights_only=False)`` of a path),
+    torch-fidelity only loads weights itself (a download, or a full unpickling ``torch.load`` of a path),
     so while the module is built its loader is pointed at the verified state dict: nothing is downloaded
     or unpickled there.
     """

@@ -39,7 +39,7 @@ def rewrite_meta(path: Path) -> None:
     """Record the current sizes and hashes in meta.json, as an attacker replacing a file would."""
     meta = json.loads((path / ck.META).read_text())
     for name in meta["files"]:
-        meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": ck._sha256(path / name)}
+        meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": ck.sha256_file(path / name)}
     (path / ck.META).write_text(json.dumps(meta))
 
 
@@ -64,7 +64,7 @@ def test_save_writes_complete_checkpoint_with_hashes_and_no_leftovers(tmp_path: 
     assert meta["step"] == 7 and meta["format_version"] == ck.FORMAT_VERSION
     assert set(meta["files"]) == {ck.MODEL, ck.EMA, ck.STATE}
     for name, rec in meta["files"].items():
-        assert rec["size"] == (path / name).stat().st_size and rec["sha256"] == ck._sha256(path / name)
+        assert rec["size"] == (path / name).stat().st_size and rec["sha256"] == ck.sha256_file(path / name)
     assert ck.inspect_checkpoint(path, verify_hashes=True).complete
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_7"]  # no temporary folder left
 

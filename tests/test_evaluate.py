@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 import ddpmctl.evaluate as ev
+from ddpmctl.checkpoints import sha256_file
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
 from ddpmctl.data import ImageFolderDataset
@@ -193,7 +194,7 @@ def inception_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
         net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     path = tmp_path_factory.mktemp("inception") / "weights.pth"
     torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
-    return path, ev._sha256(path)[:8]
+    return path, sha256_file(path)[:8]
 
 
 def test_inception_is_downloaded_with_its_hash_and_never_unpickled_unsafely(inception_file, tmp_path, monkeypatch):
@@ -232,7 +233,7 @@ def test_a_cached_file_with_pickled_objects_is_refused_not_run(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "weights.pth"
     torch.save({"fc.weight": torch.zeros(1), "x": _Payload()}, bad)
-    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: ev._sha256(bad)[:8])
+    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: sha256_file(bad)[:8])
     with pytest.raises(ev.EvaluationError, match="is not the Inception weights file"):
         ev.load_inception(bad)
     assert not (tmp_path / "PWNED_MARKER_DIR").exists()
