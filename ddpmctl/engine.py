@@ -414,8 +414,8 @@ class _Trainer:
             else:
                 self.ema.model.load_state_dict(self.model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
-        sched_state = dict(state["scheduler"])
-        self.scheduler.load_state_dict(sched_state)
+        # The schedule's lambda is rebuilt from this run's num_training_steps, so a resume may extend it.
+        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(meta["step"])
