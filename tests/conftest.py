@@ -35,3 +35,15 @@ def tiny_args(data: Path, work: Path, steps: int = 4, **extra: object) -> list[s
     for key, value in args.items():
         out += [f"--{key}", str(value)]
     return out
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A user error: exit 1, no traceback or stray exception, and an ``Error: ...`` line last, naming each needle."""
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), result.output
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, result.output

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -42,15 +43,6 @@ def rewrite_meta(path: Path) -> None:
         meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": ck.sha256_file(path / name)}
     (path / ck.META).write_text(json.dumps(meta))
 
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("Error: "), result.output
-    text = " ".join(result.output.split())
-    for needle in needles:
-        assert needle in text, result.output
 
 
 # ----------------------------------------------------------------------------- saving

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from ddpmctl import __version__
@@ -85,15 +86,6 @@ def test_kebab_and_underscore_spellings_are_the_same(captured):
     assert cfg.training.batch_size == 3 and cfg.model.img_size == 64 and cfg.data.random_flip is False
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("Error: ") or any(line.startswith("Error: ") for line in lines), result.output
-    text = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in text, result.output
-
 
 def test_missing_data_folder(tmp_path):
     result = runner.invoke(app, ["train", "--path-to-data", str(tmp_path / "nope"), "--working-directory",
@@ -148,7 +140,7 @@ def test_wandb_missing_is_a_clear_hint(tmp_path, tiny_images, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
-    from conftest import tiny_args
+    from conftest import assert_one_line_error, tiny_args
 
     result = runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path), "--use-wandb"])
     assert_one_line_error(result, "pip install 'ddpmctl[wandb]'")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import assert_one_line_error, tiny_args
 from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
@@ -22,16 +22,6 @@ from ddpmctl.runtime import DistInfo
 
 runner = CliRunner()
 
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("Error: "), result.output
-    text = " ".join(result.output.split())
-    for needle in needles:
-        assert needle in text, result.output
 
 
 @pytest.fixture
