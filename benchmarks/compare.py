@@ -44,13 +44,24 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpmctl import diffusion, sampling  # noqa: E402
-from ddpmctl.config import DiffusionConfig, ModelConfig, load_yaml  # noqa: E402
+from transformers import get_cosine_schedule_with_warmup  # noqa: E402
+
+from ddpmctl import sampling  # noqa: E402
+from ddpmctl.config import DiffusionConfig, ModelConfig, TrainingConfig, load_yaml  # noqa: E402
 from ddpmctl.data import BatchStream, build_dataset, make_demo_dataset  # noqa: E402
 from ddpmctl.diffusion import Schedule  # noqa: E402
-from ddpmctl.engine import EMA  # noqa: E402
-from ddpmctl.model import UNet, count_parameters  # noqa: E402
-from ddpmctl.runtime import Precision, configure_backends, resolve_precision, select_device  # noqa: E402
+from ddpmctl.engine import EMA, wants_deferred_guard  # noqa: E402
+from ddpmctl.model import UNet, count_parameters, set_low_precision_norms  # noqa: E402
+from ddpmctl.runtime import (  # noqa: E402
+    Precision,
+    configure_backends,
+    low_precision_norms,
+    prepare_for_sampling,
+    resolve_precision,
+    select_device,
+)
+from ddpmctl.sampling import SamplingGraphs  # noqa: E402
+from ddpmctl.step import TrainStep  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of the GPUs we quote a share of peak for.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
@@ -161,47 +172,50 @@ def gpu_peak_tflops(device: torch.device, precision: Precision) -> float | None:
 # ----------------------------------------------------------------------------- training steps
 
 
+OURS_TOKENS = {"graph": ("cuda_graph", True), "nograph": ("cuda_graph", False), "cl": ("channels_last", True),
+               "nchw": ("channels_last", False), "lpnorm": ("low_norms", True), "fp32norm": ("low_norms", False),
+               "compile": ("compile", True)}
+
+
+def ours_options(spec: str, device: torch.device) -> dict:
+    """ddpmctl's shipped training options on ``device``, changed by a spec such as 'nograph+fp32norm'."""
+    opts = {"cuda_graph": TrainingConfig.cuda_graph, "channels_last": TrainingConfig.channels_last and device.type == "cuda",
+            "low_norms": low_precision_norms(device)}
+    for token in filter(None, spec.split("+")):
+        if token not in OURS_TOKENS:
+            raise SystemExit(f"unknown ddpmctl variant token {token!r}; choose from {', '.join(OURS_TOKENS)}")
+        key, value = OURS_TOKENS[token]
+        opts[key] = value
+    return opts
+
+
 def ddpmctl_train_step(model: UNet, device: torch.device, precision: Precision, batch: torch.Tensor,
-                       channels_last: bool, compile_model: bool) -> Callable[[], torch.Tensor]:
-    """The training step of ddpmctl.engine._Trainer (one micro-batch, EMA on), built from the library."""
+                       compile_model: bool, opts: dict) -> Callable[[], torch.Tensor]:
+    """The training step of ddpmctl.engine (one micro-batch, EMA on): step.TrainStep plus the engine's update."""
+    set_low_precision_norms(model, opts["low_norms"])
     schedule = Schedule(DiffusionConfig(), device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=device.type == "cuda" or None)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5000))
+    deferred = wants_deferred_guard(device, precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0,
+                                  fused=device.type == "cuda" or deferred or None)
+    lr_sched = get_cosine_schedule_with_warmup(optimizer, 5000, 10**6)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     ema = EMA(model, 0.9999)
     net = torch.compile(model) if compile_model else model
     model.train()
+    train_step = TrainStep(model, net, schedule, precision, scaler, optimizer, device,
+                           channels_last=opts["channels_last"], cuda_graph=opts["cuda_graph"] and deferred)
 
     def step() -> torch.Tensor:
-        x0 = batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
-        flip = torch.rand(x0.shape[0], device=device) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        if channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=device)
-        noise = torch.randn_like(x0)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
-        target = diffusion.training_target(schedule, x0, t, noise)
-        with precision.autocast():
-            pred = net(x_t, t)
-        loss = diffusion.loss_fn(pred, target, "mse")
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        # The engine's guard (one read-back per step): skip the update when the loss or a gradient is not finite.
-        check = loss.detach() if precision.use_scaler else loss.detach() + grad_norm
-        if not bool(torch.isfinite(check)):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            return loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
-        return loss.detach()
+        loss, _, check = train_step.forward_backward([batch])
+        if deferred:  # CUDA: fused AdamW skips a non-finite step on the device
+            train_step.apply(lr_sched, ema, (~torch.isfinite(check)).float())
+        elif bool(torch.isfinite(check)):  # the CPU/MPS guard: one read-back per step
+            train_step.apply(lr_sched, ema)
+        else:
+            train_step.zero_grad()
+        return loss
 
+    step.train_step = train_step  # type: ignore[attr-defined] - lets the caller report a failed capture
     return step
 
 
@@ -249,13 +263,13 @@ def diffusers_train_step(model: torch.nn.Module, device: torch.device, precision
 # ----------------------------------------------------------------------------- sampling
 
 
-def ddpmctl_sampler(model: UNet, device: torch.device, precision: Precision,
-                    noise: torch.Tensor) -> Callable[[int], torch.Tensor]:
+def ddpmctl_sampler(model: torch.nn.Module, device: torch.device, precision: Precision, noise: torch.Tensor,
+                    graphs: SamplingGraphs | None) -> Callable[[int], torch.Tensor]:
     schedule = Schedule(DiffusionConfig(), device)
 
     def run(steps: int) -> torch.Tensor:
         return sampling.sample(model, schedule, noise, sampler="ddim", steps=steps, eta=0.0,
-                               autocast=precision.autocast).images
+                               autocast=precision.autocast, graphs=graphs).images
 
     return run
 
@@ -283,31 +297,43 @@ def diffusers_sampler(model: torch.nn.Module, device: torch.device, precision: P
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def build_models(ours_cfg: ModelConfig, theirs_cfg: dict, device: torch.device, channels_last: bool):
+def build_ours(cfg: ModelConfig, device: torch.device, channels_last: bool) -> UNet:
+    torch.manual_seed(0)
+    model = UNet(cfg).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def build_theirs(cfg: dict, device: torch.device, channels_last: bool) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    ours = UNet(ours_cfg).to(device)
-    theirs = UNet2DModel(**theirs_cfg).to(device)
-    if channels_last:
-        ours = ours.to(memory_format=torch.channels_last)
-        theirs = theirs.to(memory_format=torch.channels_last)
-    return ours, theirs
+    model = UNet2DModel(**cfg).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def contestants(args, tag: str) -> list[str]:
+    """Names timed side by side for one tag: ddpmctl as shipped, diffusers, then any extra ddpmctl variants."""
+    return ["ddpmctl", "diffusers",
+            *(f"ddpmctl[{v}]" for v in args.ours_variants if ("compile" in v.split("+")) == (tag == "compile"))]
 
 
 def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last, compile_model, out: dict) -> None:
     tag = "compile" if compile_model else "eager"
-    ours, theirs = build_models(ours_cfg, theirs_cfg, device, channels_last)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (args.batch, 3, ours_cfg.img_size, ours_cfg.img_size), dtype=torch.uint8, generator=gen)
     if device.type == "cuda":
         batch = batch.pin_memory()
-    steps = {
-        "ddpmctl": ddpmctl_train_step(ours, device, precision, batch, channels_last, compile_model),
-        "diffusers": diffusers_train_step(theirs, device, precision, batch, channels_last, compile_model),
-    }
+    steps: dict[str, Callable[[], torch.Tensor]] = {}
+    for name in contestants(args, tag):
+        if name == "diffusers":
+            steps[name] = diffusers_train_step(build_theirs(theirs_cfg, device, channels_last), device, precision, batch,
+                                               channels_last, compile_model)
+            continue
+        opts = ours_options(name[len("ddpmctl["):-1] if "[" in name else "", device)
+        model = build_ours(ours_cfg, device, opts["channels_last"])
+        steps[name] = ddpmctl_train_step(model, device, precision, batch, compile_model, opts)
     mem: dict[str, float | None] = {}
-    for name, fn in steps.items():  # warm-up (and compilation), with the peak memory of a steady step
+    for name, fn in steps.items():  # warm-up (and compilation, capture), with the peak memory of a steady step
         for _ in range(args.warmup):
             fn()
         sync(device)
@@ -315,30 +341,37 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
         fn()
         sync(device)
         mem[name] = peak_mib(device)
+        ts = getattr(fn, "train_step", None)
+        if ts is not None:
+            out[f"{name}_train_graph_{tag}"] = ts.graph is not None
+            if ts.graph_note:
+                out[f"{name}_train_note_{tag}"] = ts.graph_note
     secs = timed_rounds(steps, device, args.rounds, args.train_reps)
     for name in steps:
         out[f"{name}_train_img_s_{tag}"] = args.batch / secs[name]
         out[f"{name}_train_peak_mib_{tag}"] = mem[name]
-    del steps, ours, theirs
+    del steps
     gc.collect()
 
 
 def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last, compile_model, out: dict) -> None:
+    """ddpmctl's sampling as `ddpmctl sample` runs it (prepare_for_sampling; whole-loop CUDA graphs on CUDA)."""
     tag = "compile" if compile_model else "eager"
-    ours, theirs = build_models(ours_cfg, theirs_cfg, device, channels_last)
-    ours.eval().requires_grad_(False)
-    theirs.eval().requires_grad_(False)
-    if compile_model:  # CUDA graphs where available: sampling is launch-bound at low resolution
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        ours, theirs = torch.compile(ours, mode=mode), torch.compile(theirs, mode=mode)
+    ours = prepare_for_sampling(build_ours(ours_cfg, device, False).eval().requires_grad_(False), device, compile_model)
+    theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
+    if compile_model:  # diffusers: CUDA graphs through the compiler where available (its fastest setting)
+        theirs = torch.compile(theirs, mode="reduce-overhead" if device.type == "cuda" else None)
     size = ours_cfg.img_size
     noise = torch.randn(args.sample_batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    graphs = SamplingGraphs() if device.type == "cuda" else None
     runs = {
-        "ddpmctl": ddpmctl_sampler(ours, device, precision, noise),
+        "ddpmctl": ddpmctl_sampler(ours, device, precision, noise, graphs),
         "diffusers": diffusers_sampler(theirs, device, precision, noise),
     }
-    for fn in runs.values():  # warm-up and compilation on a short run (the shapes are the same)
-        fn(2 if device.type == "cpu" else 5)
+    for fn in runs.values():  # warm-up, compilation and capture: at the timed step count (a graph is per count)
+        fn(2 if device.type == "cpu" else args.sample_steps)
+    if graphs is not None and graphs.failed:
+        out[f"ddpmctl_sample_note_{tag}"] = graphs.failed
     full = {name: (lambda fn=fn: fn(args.sample_steps)) for name, fn in runs.items()}
     secs = timed_rounds(full, device, args.sample_rounds, 1)
     for name in runs:
@@ -392,6 +425,10 @@ def print_table(res: dict, variants: list[str]) -> None:
                 rows.append((f"  share of {peak:.0f} TFLOP/s peak", f"{100 * ta / peak:.1f}%", f"{100 * tb / peak:.1f}%", ""))
         ma, mb = res.get(f"ddpmctl_train_peak_mib_{v}"), res.get(f"diffusers_train_peak_mib_{v}")
         rows.append((f"  peak memory MiB ({res['memory_kind']})", fmt(ma), fmt(mb), ""))
+        suffix = f"_train_img_s_{v}"
+        for key in sorted(k for k in res if k.startswith("ddpmctl[") and k.endswith(suffix)):
+            c = res[key]
+            rows.append((f"  variant {key[:-len(suffix)]}", fmt(c), "", fmt(c / b if c and b else None, ".2f")))
     for v in variants:
         a, b = res.get(f"ddpmctl_sample_img_s_{v}"), res.get(f"diffusers_sample_img_s_{v}")
         rows.append((f"DDIM-{res['sample_steps']} img/s ({v}, batch {res['sample_batch']})", fmt(a, ",.1f"), fmt(b, ",.1f"),
@@ -420,9 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="alternating timed rounds for training")
     p.add_argument("--loader-workers", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--ours-variants", default="",
+                   help="extra ddpmctl training variants timed beside the shipped one, comma-separated specs of "
+                        "+-joined tokens: graph/nograph, cl/nchw, lpnorm/fp32norm, compile (e.g. nograph,compile+nograph)")
     p.add_argument("--diffusers-head-dim", type=int, default=None,
                    help="diffusers attention_head_dim (default: one head, as ddpmctl; 8 is diffusers' own default)")
     args = p.parse_args(argv)
+    args.ours_variants = [v for v in args.ours_variants.split(",") if v]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -458,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'quick' if args.quick else 'full'} config, {ours_cfg.img_size} px", flush=True)
     t0 = time.perf_counter()
 
-    ours, theirs = build_models(ours_cfg, theirs_cfg, device, False)
+    ours, theirs = build_ours(ours_cfg, device, False), build_theirs(theirs_cfg, device, False)
     res["ddpmctl_params"], res["diffusers_params"] = count_parameters(ours), count_parameters(theirs)
     res["ddpmctl_gflops_per_img"] = flops_per_image(ours, ours_cfg.img_size, device) / 1e9
     res["diffusers_gflops_per_img"] = flops_per_image(unwrap_sample(theirs), ours_cfg.img_size, device) / 1e9

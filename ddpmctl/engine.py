@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import signal
@@ -29,11 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from . import __version__, checkpoints, diffusion, plots
+from . import __version__, checkpoints, plots
 from .config import Config, dump_yaml, to_dict
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
+from .model import set_low_precision_norms
 from .runtime import (
     DistInfo,
     Precision,
@@ -41,10 +41,12 @@ from .runtime import (
     build_model,
     configure_backends,
     init_distributed,
+    low_precision_norms,
     resolve_precision,
     select_device,
 )
 from .sampling import progression_grid, sample, save_png
+from .step import TrainStep
 
 # ----------------------------------------------------------------------------- events
 
@@ -363,6 +365,7 @@ class _Trainer:
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        set_low_precision_norms(model, low_precision_norms(self.device))
         self.model = model
         self.ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         # On CUDA the non-finite guard runs on the device (see run()): it needs fused AdamW's found_inf.
@@ -396,6 +399,12 @@ class _Trainer:
             self.train_model = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         if t.compile:  # after DDP, as PyTorch advises: Dynamo then splits the graph at DDP's buckets
             self.train_model = torch.compile(self.train_model)
+        self.train_step = TrainStep(
+            self.model, self.train_model, self.schedule, self.precision, self.scaler, self.optimizer, self.device,
+            loss_fn=cfg.diffusion.loss_fn, random_flip=cfg.data.random_flip, channels_last=self.channels_last,
+            accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=self.ddp,
+            cuda_graph=t.cuda_graph and self.deferred_guard,
+        )
 
     def _load(self, path: Path) -> None:
         meta = checkpoints.read_meta(path)
@@ -502,29 +511,6 @@ class _Trainer:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def _micro_batch(self, accumulating: bool) -> torch.Tensor:
-        cfg = self.cfg
-        batch = next(self.stream).to(self.device, non_blocking=True)
-        x0 = batch.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
-        if cfg.data.random_flip:
-            flip = torch.rand(x0.shape[0], device=self.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=self.device)
-        noise = torch.randn_like(x0)
-        x_t = diffusion.q_sample(self.schedule, x0, t, noise)
-        target = diffusion.training_target(self.schedule, x0, t, noise)
-        sync = contextlib.nullcontext()
-        if accumulating and self.ddp is not None:
-            sync = self.ddp.no_sync()  # all-reduce gradients only on the last micro-batch
-        with sync:
-            with self.precision.autocast():
-                pred = self.train_model(x_t, t)
-            loss = diffusion.loss_fn(pred, target, cfg.diffusion.loss_fn)
-            self.scaler.scale(loss / cfg.training.gradient_accumulation_steps).backward()
-        return loss.detach()
-
     def _diverged(self, in_row: int) -> None:
         good = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
         raise TrainingStopped(
@@ -565,8 +551,6 @@ class _Trainer:
             self.wandb.init(project=cfg.logging.wandb_project, name=cfg.run.experiment_name, config=to_dict(cfg),
                             dir=str(self.run_dir), resume="allow")
         metrics_path = self.run_dir / "metrics.jsonl"
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         self.train_model.train()
         start_time = time.perf_counter()
         window_start, window_images, window_steps = start_time, 0, 0
@@ -580,12 +564,11 @@ class _Trainer:
         saved_step = -1
         try:
             while self.step < t.num_training_steps:
-                losses = [self._micro_batch(accumulating=i < accum - 1) for i in range(accum)]
-                step_loss = torch.stack(losses).mean()
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                step_loss, grad_norm, check = self.train_step.forward_backward([next(self.stream) for _ in range(accum)])
+                if self.train_step.graph_note:
+                    self.emit(Note(self.train_step.graph_note))
+                    self.train_step.graph_note = None
                 # Skip the update if the loss or any gradient is not finite.
-                check = step_loss if self.precision.use_scaler else step_loss + grad_norm
                 if self.dist.enabled:  # every rank must take the same decision: a sum is finite only if all are
                     check = check.detach().float().reshape(1)
                     dist.all_reduce(check)
@@ -593,11 +576,10 @@ class _Trainer:
                     # No host wait: fused AdamW skips the update on the device when found_inf is 1 (the
                     # mechanism GradScaler uses); the step still counts. Skips are read back with the loss.
                     bad = (~torch.isfinite(check)).reshape(()).float()
-                    self.optimizer.found_inf = bad
                     bad_run = (bad_run + 1) * bad
                     bad_window += bad
                 elif not bool(torch.isfinite(check).all()):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.train_step.zero_grad()
                     self.scaler.update()
                     bad_in_row += 1
                     self.skipped_total += 1
@@ -607,12 +589,7 @@ class _Trainer:
                         self._diverged(bad_in_row)
                     continue
                 bad_in_row = 0
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model)
+                self.train_step.apply(self.scheduler, self.ema, bad if self.deferred_guard else None)
                 self.step += 1
                 loss_sum += step_loss
                 n_images = t.batch_size * accum * self.dist.world_size

@@ -15,7 +15,7 @@ from .config import Config, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
 from .runtime import Precision, build_model, classify_oom, prepare_for_sampling, resolve_precision, select_device
-from .sampling import SampleResult, progression_grid, sample, sampler_timesteps, save_png, tile
+from .sampling import SampleResult, SamplingGraphs, progression_grid, sample, sampler_timesteps, save_png, tile
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LoadedModel:
     device: torch.device
     precision: Precision
     notes: list[str]
+    graphs: SamplingGraphs | None = None  # CUDA: deterministic sampling loops replayed as CUDA graphs
 
 
 def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, precision: str = "auto",
@@ -53,7 +54,7 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
     model = prepare_for_sampling(model.to(dev).eval().requires_grad_(False), dev, compile)
     prec = resolve_precision(precision, dev)
     return LoadedModel(model, Schedule(cfg.diffusion, dev), cfg, ckpt, int(meta["step"]),
-                       use_ema and has_ema, dev, prec, notes)
+                       use_ema and has_ema, dev, prec, notes, SamplingGraphs() if dev.type == "cuda" else None)
 
 
 @dataclass
@@ -137,8 +138,10 @@ def iter_samples(
             result = sample(
                 loaded.model, loaded.schedule, noise, sampler=sampler, steps=steps, eta=eta, generator=gens,
                 record_every=every, max_frames=max_frames, record=record_first and start == 0,
-                autocast=loaded.precision.autocast, callback=progress,
+                autocast=loaded.precision.autocast, callback=progress, graphs=loaded.graphs,
             )
+            if loaded.graphs is not None and loaded.graphs.failed and loaded.graphs.failed not in loaded.notes:
+                loaded.notes.append(loaded.graphs.failed)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
             if classify_oom(exc) is None:
                 raise

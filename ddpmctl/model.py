@@ -18,9 +18,34 @@ from torch import nn
 from .config import ModelConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that can normalise in autocast's dtype (bf16/fp16) instead of the fp32 autocast picks.
+
+    With ``low_precision`` set (see :func:`set_low_precision_norms`), a bf16 activation (what autocast's
+    convolutions hand on) stays bf16: the statistics still accumulate in fp32 inside the kernel, but
+    the fp32 copy of every activation, and the casts before and after each norm, are gone. Off by
+    default; the weights are the same either way.
+    """
+
+    low_precision = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.low_precision or x.dtype == torch.float32:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):  # keep autocast from casting x up to fp32
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with 32 groups where the width allows (fewer for narrow demo models)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    return GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def set_low_precision_norms(model: nn.Module, enabled: bool) -> None:
+    """Let every GroupNorm of ``model`` run in autocast's dtype (see :class:`GroupNorm`)."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm):
+            m.low_precision = enabled
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .config import Config
 from .errors import ConfigError
-from .model import UNet
+from .model import UNet, set_low_precision_norms
 
 MPS_OOM_PATTERN = re.compile(r"MPS backend out of memory", re.IGNORECASE)
 CUDA_OOM_PATTERNS = (
@@ -107,7 +107,9 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        # No weight-cast cache: each weight is used once per forward anyway, and a cache that outlives a
+        # CUDA graph capture would hand the graph's memory to eager code.
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
@@ -200,18 +202,24 @@ def configure_backends(device: torch.device) -> None:
 
 
 def compile_model(model: torch.nn.Module, device: torch.device, purpose: str = "train") -> torch.nn.Module:
-    """torch.compile for training or sampling.
+    """torch.compile (default mode: fused kernels) for training or sampling.
 
-    Sampling on CUDA uses mode="reduce-overhead" (CUDA graphs): at low resolution a denoising step is
-    hundreds of small kernels, and replaying them as one graph removes the launch cost. Training keeps
-    the default mode (its backward and optimizer work around the graph would break the replay's gains).
+    CUDA graphs come from ddpmctl itself (the training step and whole sampling loops are captured, see
+    step.py and sampling.SamplingGraphs), so the compiler's own graph mode (reduce-overhead) is not used:
+    it cannot run inside an outer capture.
     """
-    mode = "reduce-overhead" if purpose == "sample" and device.type == "cuda" else None
-    return torch.compile(model, mode=mode)
+    del device, purpose
+    return torch.compile(model)
+
+
+def low_precision_norms(device: torch.device) -> bool:
+    """Whether GroupNorm runs in autocast's dtype on this device (model.GroupNorm); CUDA autocast would use fp32."""
+    return device.type == "cuda"
 
 
 def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
-    """The inference fast path: channels_last on CUDA (faster convolutions), optionally compiled with CUDA graphs."""
+    """The inference fast path: channels_last and low-precision norms on CUDA, optionally compiled."""
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    set_low_precision_norms(model, low_precision_norms(device))
     return compile_model(model, device, "sample") if compile else model

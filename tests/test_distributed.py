@@ -79,7 +79,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ddpmctl import data, engine
+from ddpmctl import data, engine, step
 
 SHORT = 4.0
 _current = {}
@@ -98,7 +98,7 @@ def _keys():
 
 
 class DeterministicTorch:
-    """The engine's ``torch`` with randint/randn_like replaced; everything else is torch itself."""
+    """The training step's ``torch`` with randint/randn_like replaced; everything else is torch itself."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -114,7 +114,7 @@ class DeterministicTorch:
 
 def install(set_attr=setattr):
     set_attr(data.BatchStream, "__next__", _recording_next)
-    set_attr(engine, "torch", DeterministicTorch())
+    set_attr(step, "torch", DeterministicTorch())
 
 
 def install_slow_grid():

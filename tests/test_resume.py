@@ -291,12 +291,12 @@ def fsync(path):
 checkpoints._fsync_file = fsync
 step_delay = float(os.environ.get("SLOW_STEP", "0"))
 if step_delay:
-    from ddpmctl import engine
-    real_step = engine._Trainer._micro_batch
-    def micro_batch(self, accumulating):
+    from ddpmctl import step
+    real_step = step.TrainStep.micro_batch
+    def micro_batch(self, batch, accumulating=False):
         time.sleep(step_delay)
-        return real_step(self, accumulating)
-    engine._Trainer._micro_batch = micro_batch
+        return real_step(self, batch, accumulating)
+    step.TrainStep.micro_batch = micro_batch
 from ddpmctl.cli.main import main
 sys.argv = ["ddpmctl", *sys.argv[1:]]
 main()

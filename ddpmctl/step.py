@@ -1,0 +1,172 @@
+"""The compute of one training step, shared by the trainer (engine.py) and benchmarks/compare.py.
+
+``TrainStep.forward_backward`` turns uint8 micro-batches into unscaled, clipped gradients and returns the
+loss, the gradient norm and the value whose finiteness decides whether the update may be applied; the
+trainer then runs the optimizer, LR schedule and EMA. On CUDA (one process, no gradient accumulation,
+no fp16 loss scaling) the whole forward + backward + clip is captured once as a CUDA graph and replayed
+each step: the UNet's hundreds of small kernels then cost one launch instead of hundreds of Python
+dispatches, which is what bounds an eager UNet at 32 px (see the README's Performance section).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import diffusion
+from .diffusion import Schedule
+from .runtime import Precision
+
+GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
+
+
+def graph_blocker(device: torch.device, precision: Precision, accumulation: int, distributed: bool) -> str | None:
+    """Why the training step cannot run as a CUDA graph here (None: it can)."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if precision.use_scaler:
+        return "fp16 loss scaling checks gradients on the host"
+    if accumulation > 1:
+        return "gradient accumulation"
+    if distributed:
+        return "torchrun (DistributedDataParallel)"
+    return None
+
+
+class TrainStep:
+    """Forward, backward, unscale and clip for one optimisation step (optionally as a replayed CUDA graph)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_model: nn.Module,
+        schedule: Schedule,
+        precision: Precision,
+        scaler: torch.amp.GradScaler,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        loss_fn: str = "mse",
+        random_flip: bool = True,
+        channels_last: bool = False,
+        accumulation: int = 1,
+        max_grad_norm: float = 1.0,
+        ddp: DistributedDataParallel | None = None,
+        cuda_graph: bool = False,
+    ):
+        self.model, self.train_model = model, train_model
+        self.schedule, self.precision, self.scaler, self.optimizer = schedule, precision, scaler, optimizer
+        self.device = device
+        self.loss_fn, self.random_flip, self.channels_last = loss_fn, random_flip, channels_last
+        self.accumulation = accumulation
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.ddp = ddp
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        blocker = graph_blocker(device, precision, accumulation, ddp is not None) if cuda_graph else "off"
+        self.use_graph = blocker is None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_batch: torch.Tensor | None = None
+        self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
+
+    # -- eager ------------------------------------------------------------------------------------
+
+    def micro_batch(self, batch: torch.Tensor, accumulating: bool = False) -> torch.Tensor:
+        """Loss of one micro-batch, backward included (uint8 -> [-1, 1], flip, noise and target on the device)."""
+        batch = batch.to(self.device, non_blocking=True)
+        x0 = batch.float().div_(127.5).sub_(1.0)
+        if self.random_flip:
+            flip = torch.rand(x0.shape[0], device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = diffusion.q_sample(self.schedule, x0, t, noise)
+        target = diffusion.training_target(self.schedule, x0, t, noise)
+        sync = self.ddp.no_sync() if accumulating and self.ddp is not None else contextlib.nullcontext()
+        with sync:  # all-reduce gradients only on the last micro-batch
+            with self.precision.autocast():
+                pred = self.train_model(x_t, t)
+            loss = diffusion.loss_fn(pred, target, self.loss_fn)
+            self.scaler.scale(loss / self.accumulation).backward()
+        return loss.detach()
+
+    def _eager(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(batches)
+        losses = [self.micro_batch(b, accumulating=i < n - 1) for i, b in enumerate(batches)]
+        step_loss = losses[0] if n == 1 else torch.stack(losses).mean()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        # With loss scaling the scaler finds non-finite gradients itself; otherwise the norm carries them.
+        check = step_loss if self.precision.use_scaler else step_loss + grad_norm
+        return step_loss, grad_norm, check
+
+    # -- CUDA graph -------------------------------------------------------------------------------
+
+    def _capture(self, batch: torch.Tensor) -> None:
+        """Warm up on a side stream, then record forward + backward + clip into one CUDA graph."""
+        self.static_batch = torch.empty_like(batch, device=self.device)
+        self.static_batch.copy_(batch, non_blocking=True)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):  # gradients only: the weights do not change
+                self.zero_grad(force=True)
+                self._eager([self.static_batch])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.static_out = self._eager([self.static_batch])
+        self.graph = graph
+
+    def forward_backward(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, grad_norm, check) for one optimisation step; the gradients are left unscaled and clipped.
+
+        The update may be applied only when ``check`` is finite. Nothing here waits for the device.
+        """
+        if not self.use_graph:
+            return self._eager(batches)
+        if self.graph is None:
+            try:
+                self._capture(batches[0])
+            except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
+                self.use_graph, self.graph, self.static_out = False, None, None
+                self.graph_note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); training without it"
+                torch.cuda.synchronize(self.device)
+                self.zero_grad(force=True)
+                return self._eager(batches)
+        else:
+            self.static_batch.copy_(batches[0], non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+    def apply(self, scheduler: torch.optim.lr_scheduler.LRScheduler, ema: Any | None,
+              bad: torch.Tensor | None = None) -> None:
+        """The update after forward_backward: AdamW, LR schedule, EMA; gradients dropped for the next step.
+
+        ``bad`` (1.0 when the step is not finite) makes fused AdamW skip the update on the device, so the
+        decision needs no host wait; the host-checked path passes None after deciding itself.
+        """
+        if bad is not None:
+            self.optimizer.found_inf = bad  # read by fused AdamW, as GradScaler uses it
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        scheduler.step()
+        self.zero_grad()
+        if ema is not None:
+            ema.update(self.model)
+
+    def zero_grad(self, force: bool = False) -> None:
+        """Drop the gradients after an update; a captured graph overwrites its own each replay, so they stay."""
+        if self.graph is None or force:
+            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params:  # parameters outside the optimizer (none in ddpmctl) too
+                p.grad = None
+

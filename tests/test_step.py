@@ -1,0 +1,131 @@
+"""The shared training step, low-precision GroupNorm and the CUDA-graph switches (their CPU-visible parts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ddpmctl import sampling
+from ddpmctl.config import DiffusionConfig, ModelConfig
+from ddpmctl.diffusion import Schedule
+from ddpmctl.model import GroupNorm, UNet, set_low_precision_norms
+from ddpmctl.runtime import Precision
+from ddpmctl.step import TrainStep, graph_blocker
+
+TINY = ModelConfig(img_size=8, starting_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(4,), dropout=0.0)
+
+
+def _step(model: UNet, **kw) -> tuple[TrainStep, torch.optim.Optimizer]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    prec = Precision("fp32", None, "cpu")
+    sched = Schedule(DiffusionConfig(num_diffusion_timesteps=20))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return TrainStep(model, model, sched, prec, scaler, opt, torch.device("cpu"), **kw), opt
+
+
+def test_graph_blockers_name_the_reason():
+    cuda, bf16, fp16 = torch.device("cuda"), Precision("bf16", torch.bfloat16, "cuda"), Precision("fp16", torch.float16, "cuda")
+    assert graph_blocker(cuda, bf16, 1, False) is None
+    assert "CUDA" in graph_blocker(torch.device("cpu"), bf16, 1, False)
+    assert "loss scaling" in graph_blocker(cuda, fp16, 1, False)
+    assert "accumulation" in graph_blocker(cuda, bf16, 2, False)
+    assert "torchrun" in graph_blocker(cuda, bf16, 1, True)
+
+
+def test_step_on_cpu_stays_eager_and_matches_a_hand_written_step():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    ref = UNet(TINY)
+    ref.load_state_dict(model.state_dict())
+    step, _ = _step(model, random_flip=False, cuda_graph=True, max_grad_norm=1.0)
+    assert not step.use_graph  # asked for, but there is no CUDA device
+    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+
+    torch.manual_seed(1)
+    loss, grad_norm, check = step.forward_backward([batch])
+    torch.manual_seed(1)
+    x0 = batch.float() / 127.5 - 1
+    t = torch.randint(0, 20, (4,))
+    noise = torch.randn_like(x0)
+    s = Schedule(DiffusionConfig(num_diffusion_timesteps=20))
+    x_t = s.sqrt_abar[t].view(-1, 1, 1, 1) * x0 + s.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * noise
+    ref_loss = F.mse_loss(ref(x_t, t), noise)
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(grad_norm, ref_norm)
+    assert torch.isfinite(check)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_accumulated_micro_batches_average_their_losses():
+    torch.manual_seed(0)
+    step, _ = _step(UNet(TINY), accumulation=2)
+    a, b = (torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8) for _ in range(2))
+    torch.manual_seed(3)
+    loss, _, _ = step.forward_backward([a, b])
+    step.zero_grad()
+    torch.manual_seed(3)
+    la = step.micro_batch(a, accumulating=True)
+    lb = step.micro_batch(b)
+    torch.testing.assert_close(loss, (la + lb) / 2)
+
+
+def test_apply_updates_weights_and_drops_gradients():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    step, _ = _step(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    step.forward_backward([torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
+    lr = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lambda s: 1.0)
+    step.apply(lr, None)
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_low_precision_group_norm_runs_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, 5, 5)
+    norm.low_precision = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())  # what a convolution under autocast hands on
+    assert out.dtype == torch.bfloat16
+    expected = F.group_norm(x.bfloat16(), 4, norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-6)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, 1e-6))  # fp32 stays fp32
+
+
+def test_set_low_precision_norms_reaches_every_norm_and_keeps_the_weights():
+    model = UNet(TINY)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    set_low_precision_norms(model, True)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    assert norms and all(m.low_precision for m in norms)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_sampling_graphs_only_for_deterministic_loops_on_cuda():
+    eligible = sampling.SamplingGraphs.eligible
+    cuda = torch.device("cuda")
+    assert eligible(cuda, "ddim", 0.0, False) and eligible(cuda, "dpmpp2m", 0.0, False)
+    assert not eligible(cuda, "ddim", 0.5, False)  # fresh noise each step
+    assert not eligible(cuda, "ddpm", 0.0, False)
+    assert not eligible(cuda, "ddim", 0.0, True)  # recording frames reads x_t back each step
+    assert not eligible(torch.device("cpu"), "ddim", 0.0, False)
+
+
+def test_sample_with_graphs_on_the_cpu_is_the_eager_loop():
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    sched = Schedule(DiffusionConfig(num_diffusion_timesteps=20))
+    noise = torch.randn(2, 3, 8, 8)
+    graphs = sampling.SamplingGraphs()
+    a = sampling.sample(model, sched, noise, sampler="ddim", steps=5, graphs=graphs).images
+    b = sampling.sample(model, sched, noise, sampler="ddim", steps=5).images
+    assert torch.equal(a, b) and graphs.graph is None and graphs.failed is None
