@@ -333,12 +333,13 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
         model = build_ours(ours_cfg, device, opts["channels_last"])
         steps[name] = ddpmctl_train_step(model, device, precision, batch, compile_model, opts)
     mem: dict[str, float | None] = {}
-    for name, fn in steps.items():  # warm-up (and compilation, capture), with the peak memory of a steady step
-        for _ in range(args.warmup):
-            fn()
+    for name, fn in steps.items():  # warm-up (and compilation, capture), with the peak memory of the first steps
+        # Measured from the first step: a captured CUDA graph allocates its activations once, at capture,
+        # and its replays allocate nothing, so a steady replay step alone would not show them.
         sync(device)
         reset_peak(device)
-        fn()
+        for _ in range(args.warmup):
+            fn()
         sync(device)
         mem[name] = peak_mib(device)
         ts = getattr(fn, "train_step", None)

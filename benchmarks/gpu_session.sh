@@ -35,8 +35,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" || true
 
 # ddpmctl vs diffusers, DDPM CIFAR-10 UNet, 32 px: training at batch 128 bf16, DDIM-50 at batch 256, eager and
-# compiled; beside ddpmctl as shipped (CUDA graph, channels_last, bf16 GroupNorm) the variants without each.
-run compare 330 "$PY" benchmarks/compare.py --compile yes --ours-variants nograph,fp32norm,nchw
+# compiled; beside ddpmctl as shipped (CUDA graph, NCHW, bf16 GroupNorm) the variants without each.
+run compare 330 "$PY" benchmarks/compare.py --compile yes --ours-variants nograph,fp32norm,cl,compile+cl
 # The engine end to end (data loader, progress reports), one process with and without the DDP wrapper (NCCL).
 run ddp_overhead 75 "$PY" benchmarks/ddp_overhead.py --rounds 2 --windows 2
 # The CLI's sampling path on CUDA (DDPM-1000 and DDIM-50 rows).

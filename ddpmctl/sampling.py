@@ -14,6 +14,7 @@ from torch import nn
 
 from . import diffusion
 from .diffusion import Schedule
+from .runtime import is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
@@ -180,7 +181,8 @@ def sample(
     timesteps = sampler_timesteps(sched.num_steps, sampler, steps)
     if record is None:
         record = record_every is not None
-    if graphs is not None and graphs.failed is None and SamplingGraphs.eligible(device, sampler, eta, record):
+    if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.compile_model
+            and SamplingGraphs.eligible(device, sampler, eta, record)):
         try:
             images = graphs.run(model, sched, noise, sampler, timesteps, autocast)
         except torch.OutOfMemoryError:

@@ -120,6 +120,10 @@ class TrainStep:
                 self._eager([self.static_batch])
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
+        # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
+        # peak stays that of one eager step rather than two (what doctor's sizing assumes).
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
