@@ -23,11 +23,12 @@ import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageColor, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -37,7 +38,7 @@ REPORT = "report.txt"
 IMAGES_DIR = "images"
 PACK_FILE = "packed.npy"
 FORMAT = "ddpmctl-prepared"
-VERSION = 1
+VERSION = 2  # 2: embedded ICC colour profiles converted to sRGB (version 1 sets are converted again once)
 CROPS = ("center", "pad")
 SMALL_POLICIES = ("upscale", "skip")
 # JPEGs are decoded at a reduced DCT scale that stays at least this many times the target size, then
@@ -98,9 +99,36 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
+@lru_cache(maxsize=16)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A transform from an embedded profile to sRGB (None when the profile is sRGB already); cached per profile."""
+    src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    name = ImageCms.getProfileDescription(src) or ""
+    if "srgb" in name.lower().replace(" ", "") or src.profile.xcolor_space.strip() not in ("RGB", "CMYK"):
+        return None  # most cameras embed sRGB itself; grey and other spaces are left to Pillow's conversion
+    out = "RGBA" if mode == "RGBA" else "RGB"
+    return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, out)
+
+
+def to_srgb(im: Image.Image) -> Image.Image:
+    """Convert pixels stored in an embedded ICC colour space (Display P3, Adobe RGB, a CMYK press profile) to sRGB.
+
+    The network sees numbers, not colours: without this, photos from phones that shoot Display P3
+    would train as duller, shifted sRGB. A profile that cannot be read leaves the pixels as they are.
+    """
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    try:
+        transform = _srgb_transform(icc, im.mode)
+        return im if transform is None else ImageCms.applyTransform(im, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im
+
+
 def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any mode -> RGB; transparent pixels are composited onto ``background`` (not turned black)."""
-    im = _to_8bit(im)
+    """Any mode -> sRGB RGB; transparent pixels are composited onto ``background`` (not turned black)."""
+    im = to_srgb(_to_8bit(im))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info) \
             or (im.mode in ("L", "RGB") and "transparency" in im.info):
         im = im.convert("RGBA")
@@ -359,6 +387,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     if old is not None:
         _check_settings(old, settings, dst)
     old_images: dict[str, dict[str, Any]] = dict(old["images"]) if old else {}
+    redo_all = old is not None and old.get("version", 1) < VERSION  # made before colour management: convert again
     recorded = old.get("source") if old else None
     if old_images and recorded and recorded != str(src.resolve()) and not force:
         raise DataError(f"{dst} holds images prepared from {recorded}, not from {src.resolve()}: prepare into "
@@ -387,14 +416,14 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
             except OSError:
                 st = None
             if st is not None and st.st_size == entry["bytes"] and st.st_mtime_ns == entry["mtime_ns"] \
-                    and (dst / entry["file"]).is_file():
+                    and (dst / entry["file"]).is_file() and not redo_all:
                 images[rel] = entry
                 continue
             out = entry["file"]
         else:
             out = _output_name(rel, taken)
             taken.add(out.lower())
-        jobs.append((str(path), str(dst / out), entry["sha256"] if entry else None, settings))
+        jobs.append((str(path), str(dst / out), entry["sha256"] if entry and not redo_all else None, settings))
         job_rels.append(rel)
 
     dst.mkdir(parents=True, exist_ok=True)

@@ -372,3 +372,77 @@ def test_a_corrupted_prepared_png_is_a_one_line_error_even_from_a_worker(tmp_pat
     assert lines[-1].startswith("Error: ") and "Original Traceback" not in result.output
     text = " ".join(result.output.split())
     assert f"prepared image {broken} is damaged" in text and "'ddpmctl prepare' again" in text
+
+
+# ----------------------------------------------------------------------------- colour profiles
+
+
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", round(v * 65536))
+
+
+def icc_rgb_profile(name: str, r: tuple, g: tuple, b: tuple, gamma: float = 2.2) -> bytes:
+    """A minimal ICC v2 matrix/TRC display profile (primaries as D50 XYZ columns), built here: no files needed."""
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + _s15(x) + _s15(y) + _s15(z)
+
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
+    text = name.encode() + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8 + 3 + 67)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*r)), (b"gXYZ", xyz(*g)),
+            (b"bXYZ", xyz(*b)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(28) + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+# Display P3 primaries, adapted to D50 (what a recent phone embeds in its photos).
+P3 = icc_rgb_profile("Test Display P3", (0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841))
+
+
+def test_embedded_colour_profiles_are_converted_to_srgb():
+    from PIL import ImageCms
+
+    from ddpmctl.prepare import to_srgb
+
+    orange = Image.new("RGB", (4, 4), (200, 100, 50))
+    orange.info["icc_profile"] = P3
+    r, g, b = to_srgb(orange).getpixel((0, 0))
+    assert r > 210 and g < 97 and b < 35  # P3's orange is more saturated than the same numbers in sRGB
+    grey = Image.new("RGBA", (4, 4), (128, 128, 128, 77))
+    grey.info["icc_profile"] = P3
+    out = to_srgb(grey)
+    assert out.mode == "RGBA" and out.getpixel((0, 0))[3] == 77  # alpha kept
+    assert max(out.getpixel((0, 0))[:3]) - min(out.getpixel((0, 0))[:3]) <= 1  # grey stays grey
+    srgb = Image.new("RGB", (4, 4), (200, 100, 50))
+    srgb.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert to_srgb(srgb) is srgb  # sRGB already: no transform at all
+    broken = Image.new("RGB", (4, 4), (200, 100, 50))
+    broken.info["icc_profile"] = b"not a profile"
+    assert to_srgb(broken).getpixel((0, 0)) == (200, 100, 50)  # unreadable profile: pixels as stored
+
+
+def test_prepare_converts_p3_photos_and_redoes_sets_made_before_colour_management(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    Image.new("RGB", (24, 24), (200, 100, 50)).save(src / "p3.png", icc_profile=P3)
+    Image.new("RGB", (24, 24), (200, 100, 50)).save(src / "plain.png")
+    first = prepare(src, dst, N, workers=1)
+    assert first.converted == 2
+    r, g, b = out_of(dst, "p3.png")[N // 2, N // 2]
+    assert r > 210 and g < 97 and b < 35
+    assert tuple(out_of(dst, "plain.png")[N // 2, N // 2]) == (200, 100, 50)  # no profile: taken as sRGB
+
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["version"] = 1  # as an older ddpmctl wrote it, before colour management
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    again = prepare(src, dst, N, workers=1)
+    assert (again.converted, again.unchanged) == (2, 0)
+    assert json.loads((dst / MANIFEST).read_text())["version"] == 2
+    assert prepare(src, dst, N, workers=1).unchanged == 2
