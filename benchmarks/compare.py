@@ -324,24 +324,28 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     if device.type == "cuda":
         batch = batch.pin_memory()
     steps: dict[str, Callable[[], torch.Tensor]] = {}
-    for name in contestants(args, tag):
-        if name == "diffusers":
-            steps[name] = diffusers_train_step(build_theirs(theirs_cfg, device, channels_last), device, precision, batch,
-                                               channels_last, compile_model)
-            continue
-        opts = ours_options(name[len("ddpmctl["):-1] if "[" in name else "", device)
-        model = build_ours(ours_cfg, device, opts["channels_last"])
-        steps[name] = ddpmctl_train_step(model, device, precision, batch, compile_model, opts)
     mem: dict[str, float | None] = {}
-    for name, fn in steps.items():  # warm-up (and compilation, capture), with the peak memory of the first steps
-        # Measured from the first step: a captured CUDA graph allocates its activations once, at capture,
-        # and its replays allocate nothing, so a steady replay step alone would not show them.
+    for name in contestants(args, tag):
+        # Each contestant is built and warmed up (compilation, capture) alone, its peak memory read from the
+        # start: a captured CUDA graph allocates its activations once, at capture, not in later replays.
+        # On CUDA the figure is its own (what was allocated before it is subtracted); on the CPU it is
+        # the process's peak RSS so far.
         sync(device)
         reset_peak(device)
+        before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+        if name == "diffusers":
+            fn = diffusers_train_step(build_theirs(theirs_cfg, device, channels_last), device, precision, batch,
+                                      channels_last, compile_model)
+        else:
+            opts = ours_options(name[len("ddpmctl["):-1] if "[" in name else "", device)
+            fn = ddpmctl_train_step(build_ours(ours_cfg, device, opts["channels_last"]), device, precision, batch,
+                                    compile_model, opts)
         for _ in range(args.warmup):
             fn()
         sync(device)
-        mem[name] = peak_mib(device)
+        peak = peak_mib(device)
+        mem[name] = peak - before if peak is not None else None
+        steps[name] = fn
         ts = getattr(fn, "train_step", None)
         if ts is not None:
             out[f"{name}_train_graph_{tag}"] = ts.graph is not None

@@ -34,9 +34,11 @@ run() {  # run NAME SECONDS CMD...: header, log teed to $LOGS/NAME.log; never pa
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOGS/gpu.txt" || true
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" || true
 
+# The CUDA-only tests first (captured training step, short batches, resume, sampling graphs, compiled sampling).
+run test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # ddpmctl vs diffusers, DDPM CIFAR-10 UNet, 32 px: training at batch 128 bf16, DDIM-50 at batch 256, eager and
 # compiled; beside ddpmctl as shipped (CUDA graph, NCHW, bf16 GroupNorm) the variants without each.
-run compare 330 "$PY" benchmarks/compare.py --compile yes --ours-variants nograph,fp32norm,cl,compile+cl
+run compare 300 "$PY" benchmarks/compare.py --compile yes --ours-variants nograph,fp32norm,cl,compile+cl
 # The engine end to end (data loader, progress reports), one process with and without the DDP wrapper (NCCL).
 run ddp_overhead 75 "$PY" benchmarks/ddp_overhead.py --rounds 2 --windows 2
 # The CLI's sampling path on CUDA (DDPM-1000 and DDIM-50 rows).

@@ -87,15 +87,15 @@ def split_prediction(
     return x0, eps
 
 
-def loss_fn(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean loss between prediction and target: mse (Ho et al. L_simple), mae or huber (smooth L1)."""
+def loss_fn(pred: torch.Tensor, target: torch.Tensor, kind: str, reduction: str = "mean") -> torch.Tensor:
+    """Loss between prediction and target (mean, or per element): mse (Ho et al. L_simple), mae or huber (smooth L1)."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
-        return F.mse_loss(pred, target)
+        return F.mse_loss(pred, target, reduction=reduction)
     if kind == "mae":
-        return F.l1_loss(pred, target)
+        return F.l1_loss(pred, target, reduction=reduction)
     if kind == "huber":
-        return F.smooth_l1_loss(pred, target)
+        return F.smooth_l1_loss(pred, target, reduction=reduction)
     raise ValueError(f"unknown loss {kind!r}")
 
 

@@ -25,7 +25,8 @@ import torch
 from . import diffusion
 from .config import Config, from_dict
 from .diffusion import Schedule
-from .runtime import Precision, build_model, classify_oom, configure_backends, resolve_precision
+from .model import set_low_precision_norms
+from .runtime import Precision, build_model, classify_oom, configure_backends, low_precision_norms, resolve_precision
 
 # ----------------------------------------------------------------------------- memory readings
 
@@ -245,6 +246,7 @@ class Prober:
         self.precision = backend.precision(cfg.training.precision)
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg).to(device)
+        set_low_precision_norms(self.model, low_precision_norms(device))  # as the engine runs it
         self.channels_last = cfg.training.channels_last and device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

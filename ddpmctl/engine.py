@@ -403,7 +403,7 @@ class _Trainer:
             self.model, self.train_model, self.schedule, self.precision, self.scaler, self.optimizer, self.device,
             loss_fn=cfg.diffusion.loss_fn, random_flip=cfg.data.random_flip, channels_last=self.channels_last,
             accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=self.ddp,
-            cuda_graph=t.cuda_graph and self.deferred_guard,
+            cuda_graph=t.cuda_graph and self.deferred_guard, graph_batch=t.batch_size,
         )
 
     def _load(self, path: Path) -> None:

@@ -23,8 +23,9 @@ class GroupNorm(nn.GroupNorm):
 
     With ``low_precision`` set (see :func:`set_low_precision_norms`), a bf16 activation (what autocast's
     convolutions hand on) stays bf16: the statistics still accumulate in fp32 inside the kernel, but
-    the fp32 copy of every activation, and the casts before and after each norm, are gone. Off by
-    default; the weights are the same either way.
+    the fp32 copy of every activation, and the casts before and after each norm, are gone (the norm's
+    own weight and bias gradients are then rounded to bf16 before they reach the fp32 parameters). Off
+    by default; the weights are the same either way.
     """
 
     low_precision = False

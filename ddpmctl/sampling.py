@@ -14,7 +14,7 @@ from torch import nn
 
 from . import diffusion
 from .diffusion import Schedule
-from .runtime import is_compiled
+from .runtime import classify_oom, is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
@@ -113,6 +113,7 @@ class SamplingGraphs:
 
     def reset(self) -> None:
         self.key: tuple | None = None
+        self.inputs: tuple | None = None  # the model, schedule and autocast the graph was captured with
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: torch.Tensor | None = None
         self.static_out: torch.Tensor | None = None
@@ -123,8 +124,8 @@ class SamplingGraphs:
 
     def run(self, model: nn.Module, sched: Schedule, noise: torch.Tensor, sampler: str, timesteps: list[int],
             autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        key = (tuple(noise.shape), noise.dtype, sampler, tuple(timesteps), id(model))
-        if key != self.key:
+        key = (tuple(noise.shape), noise.dtype, sampler, tuple(timesteps))
+        if key != self.key or (model, sched, autocast) != self.inputs:
             self.reset()  # free the last graph's memory first
             static_in = noise.clone()
 
@@ -146,6 +147,7 @@ class SamplingGraphs:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = loop()
             self.key, self.graph, self.static_in, self.static_out = key, graph, static_in, static_out
+            self.inputs = (model, sched, autocast)
         else:
             self.static_in.copy_(noise)
         self.graph.replay()
@@ -185,11 +187,10 @@ def sample(
             and SamplingGraphs.eligible(device, sampler, eta, record)):
         try:
             images = graphs.run(model, sched, noise, sampler, timesteps, autocast)
-        except torch.OutOfMemoryError:
-            graphs.reset()
-            raise
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample eagerly from now on
             graphs.reset()
+            if classify_oom(exc) is not None:
+                raise  # the caller halves the batch
             graphs.failed = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); sampling without it"
             torch.cuda.synchronize(device)
         else:

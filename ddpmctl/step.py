@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import diffusion
 from .diffusion import Schedule
-from .runtime import Precision
+from .runtime import Precision, classify_oom
 
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
 
@@ -57,6 +57,7 @@ class TrainStep:
         max_grad_norm: float = 1.0,
         ddp: DistributedDataParallel | None = None,
         cuda_graph: bool = False,
+        graph_batch: int | None = None,
     ):
         self.model, self.train_model = model, train_model
         self.schedule, self.precision, self.scaler, self.optimizer = schedule, precision, scaler, optimizer
@@ -72,11 +73,17 @@ class TrainStep:
         self.static_batch: torch.Tensor | None = None
         self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
+        self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
+        self.static_rows: torch.Tensor | None = None
+        self.graph_grads: list[torch.Tensor | None] = []  # the .grad tensors the captured backward writes
 
     # -- eager ------------------------------------------------------------------------------------
 
-    def micro_batch(self, batch: torch.Tensor, accumulating: bool = False) -> torch.Tensor:
-        """Loss of one micro-batch, backward included (uint8 -> [-1, 1], flip, noise and target on the device)."""
+    def micro_batch(self, batch: torch.Tensor, accumulating: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of one micro-batch, backward included (uint8 -> [-1, 1], flip, noise and target on the device).
+
+        ``rows`` (a device scalar): only the first ``rows`` images count towards the loss and gradients.
+        """
         batch = batch.to(self.device, non_blocking=True)
         x0 = batch.float().div_(127.5).sub_(1.0)
         if self.random_flip:
@@ -92,13 +99,19 @@ class TrainStep:
         with sync:  # all-reduce gradients only on the last micro-batch
             with self.precision.autocast():
                 pred = self.train_model(x_t, t)
-            loss = diffusion.loss_fn(pred, target, self.loss_fn)
+            if rows is None:
+                loss = diffusion.loss_fn(pred, target, self.loss_fn)
+            else:  # the graph's fixed-size batch: only the first `rows` images are real (see _graphed)
+                per_image = diffusion.loss_fn(pred, target, self.loss_fn, reduction="none").flatten(1).mean(1)
+                real = torch.arange(per_image.shape[0], device=per_image.device) < rows
+                loss = (per_image * real).sum() / rows
             self.scaler.scale(loss / self.accumulation).backward()
         return loss.detach()
 
-    def _eager(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _eager(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(batches)
-        losses = [self.micro_batch(b, accumulating=i < n - 1) for i, b in enumerate(batches)]
+        losses = [self.micro_batch(b, accumulating=i < n - 1, rows=rows) for i, b in enumerate(batches)]
         step_loss = losses[0] if n == 1 else torch.stack(losses).mean()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
@@ -109,26 +122,53 @@ class TrainStep:
     # -- CUDA graph -------------------------------------------------------------------------------
 
     def _capture(self, batch: torch.Tensor) -> None:
-        """Warm up on a side stream, then record forward + backward + clip into one CUDA graph."""
-        self.static_batch = torch.empty_like(batch, device=self.device)
-        self.static_batch.copy_(batch, non_blocking=True)
+        """Warm up on a side stream, then record forward + backward + clip into one CUDA graph.
+
+        The graph holds a fixed batch of ``graph_batch`` images; a shorter batch (an epoch's last) fills
+        the first rows and ``static_rows`` says how many count, so every step replays the same graph.
+        """
+        rows = self.graph_batch or batch.shape[0]
+        self.static_batch = torch.zeros((rows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
+        self.static_rows = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._load(batch)
+        # The warm-up draws flips, timesteps and noise: put the generator back afterwards, so a resumed run
+        # draws what the uninterrupted one drew.
+        rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP_STEPS):  # gradients only: the weights do not change
                 self.zero_grad(force=True)
-                self._eager([self.static_batch])
+                self._eager([self.static_batch], self.static_rows)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
         # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
         # peak stays that of one eager step rather than two (what doctor's sizing assumes).
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
+        torch.cuda.set_rng_state(rng, self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_out = self._eager([self.static_batch])
+            self.static_out = self._eager([self.static_batch], self.static_rows)
         self.graph = graph
+        self.graph_grads = [p.grad for p in self.params]
+
+    def _fits(self, batch: torch.Tensor) -> bool:
+        return batch.shape[1:] == self.static_batch.shape[1:] and batch.shape[0] <= self.static_batch.shape[0]
+
+    def _load(self, batch: torch.Tensor) -> None:
+        """Copy a batch into the graph's input rows (no host wait); rows past it keep old, unused images."""
+        self.static_batch[: batch.shape[0]].copy_(batch, non_blocking=True)
+        self.static_rows.fill_(batch.shape[0])
+
+    def _rebind(self) -> None:
+        """Point every .grad back at the tensor the graph writes (should anything have replaced it)."""
+        for p, g in zip(self.params, self.graph_grads, strict=True):
+            if p.grad is not g:
+                if p.grad is not None:
+                    g.copy_(p.grad)
+                p.grad = g
 
     def forward_backward(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, grad_norm, check) for one optimisation step; the gradients are left unscaled and clipped.
@@ -137,17 +177,25 @@ class TrainStep:
         """
         if not self.use_graph:
             return self._eager(batches)
+        batch = batches[0]
         if self.graph is None:
             try:
-                self._capture(batches[0])
+                self._capture(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
                 self.use_graph, self.graph, self.static_out = False, None, None
-                self.graph_note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); training without it"
                 torch.cuda.synchronize(self.device)
                 self.zero_grad(force=True)
+                if classify_oom(exc) is not None:
+                    raise
+                self.graph_note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); training without it"
                 return self._eager(batches)
-        else:
-            self.static_batch.copy_(batches[0], non_blocking=True)
+        elif self._fits(batch):
+            self._load(batch)
+        else:  # a batch the graph cannot hold (never from the engine): eagerly, into the graph's gradients
+            torch._foreach_zero_(self.graph_grads)
+            out = self._eager(batches)  # backward accumulates into the existing .grad tensors, in place
+            self._rebind()
+            return out
         self.graph.replay()
         return self.static_out
 
@@ -160,6 +208,8 @@ class TrainStep:
         """
         if bad is not None:
             self.optimizer.found_inf = bad  # read by fused AdamW, as GradScaler uses it
+        if self.graph is not None:
+            self._rebind()  # AdamW would silently skip parameters whose .grad was set to None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         scheduler.step()
@@ -173,4 +223,3 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             for p in self.params:  # parameters outside the optimizer (none in ddpmctl) too
                 p.grad = None
-

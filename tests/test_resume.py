@@ -293,9 +293,9 @@ step_delay = float(os.environ.get("SLOW_STEP", "0"))
 if step_delay:
     from ddpmctl import step
     real_step = step.TrainStep.micro_batch
-    def micro_batch(self, batch, accumulating=False):
+    def micro_batch(self, batch, accumulating=False, rows=None):
         time.sleep(step_delay)
-        return real_step(self, batch, accumulating)
+        return real_step(self, batch, accumulating, rows)
     step.TrainStep.micro_batch = micro_batch
 from ddpmctl.cli.main import main
 sys.argv = ["ddpmctl", *sys.argv[1:]]

@@ -129,3 +129,31 @@ def test_sample_with_graphs_on_the_cpu_is_the_eager_loop():
     a = sampling.sample(model, sched, noise, sampler="ddim", steps=5, graphs=graphs).images
     b = sampling.sample(model, sched, noise, sampler="ddim", steps=5).images
     assert torch.equal(a, b) and graphs.graph is None and graphs.failed is None
+
+
+def test_padded_rows_count_for_nothing():
+    """The CUDA graph's fixed batch: an epoch's short last batch fills the first rows; the rest must not count."""
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    step, _ = _step(model, random_flip=False)
+    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+
+    def grads(b: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        step.zero_grad(force=True)
+        torch.manual_seed(5)
+        loss = step.micro_batch(b, rows=rows)
+        return loss, [p.grad.clone() for p in step.params]
+
+    full_loss, full = grads(batch, None)
+    all_loss, all_rows = grads(batch, torch.tensor(4.0))  # every row real: the plain mean, to rounding
+    torch.testing.assert_close(all_loss, full_loss)
+    for a, b in zip(all_rows, full, strict=True):
+        torch.testing.assert_close(a, b)
+
+    loss, first = grads(batch, torch.tensor(3.0))
+    other = batch.clone()
+    other[3] = 255 - other[3]  # a different image in the unused row
+    loss2, second = grads(other, torch.tensor(3.0))
+    torch.testing.assert_close(loss, loss2)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)

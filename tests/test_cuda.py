@@ -1,0 +1,120 @@
+"""The CUDA-only paths: the captured training step, whole-loop sampling graphs, compiled sampling.
+
+Skipped where no CUDA GPU is present (CI); on a GPU machine: ``python -m pytest tests/test_cuda.py``
+(``benchmarks/gpu_session.sh`` runs it first). Tiny models: a few seconds plus one compilation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmctl import config as config_mod
+from ddpmctl import sampling
+from ddpmctl.config import DiffusionConfig, ModelConfig
+from ddpmctl.data import make_demo_dataset
+from ddpmctl.diffusion import Schedule
+from ddpmctl.engine import Note, StepStats, StopFlag, train
+from ddpmctl.errors import TrainingStopped
+from ddpmctl.model import UNet
+from ddpmctl.runtime import Precision, prepare_for_sampling
+from ddpmctl.step import TrainStep
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = ModelConfig(img_size=16, starting_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(8,), dropout=0.1)
+BF16 = Precision("bf16", torch.bfloat16, "cuda")
+
+
+def test_captured_step_trains_and_takes_a_short_batch_without_leaving_the_graph():
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = UNet(TINY).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = TrainStep(model, model, Schedule(DiffusionConfig(), device), BF16, torch.amp.GradScaler("cuda", enabled=False),
+                     opt, device, cuda_graph=True, graph_batch=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    for n in (8, 8, 3, 8):  # a short batch (an epoch's last) fills the first rows of the same graph
+        loss, grad_norm, check = step.forward_backward([torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)])
+        assert step.graph is not None and step.graph_note is None
+        step.apply(lr, None, (~torch.isfinite(check)).float())
+        assert torch.isfinite(loss) and torch.isfinite(grad_norm) and float(step.static_rows) == n
+        assert all(p.grad is g for p, g in zip(step.params, step.graph_grads, strict=True))
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True) if a.numel() > 1)
+
+
+def _options(data: Path, tmp: Path, name: str, **extra: object) -> dict:
+    opts = {
+        "experiment_name": name, "path_to_data": str(data), "working_directory": str(tmp / "w"),
+        "generated_directory": str(tmp / "g"), "img_size": 16, "starting_channels": 16,
+        "channel_multipliers": "1,2", "attention_resolutions": "8", "num_diffusion_timesteps": 50,
+        "batch_size": 4, "warmup_steps": 1, "num_workers": 0, "num_generations": 2, "log_interval": 1,
+        "evaluation_interval": 100, "num_training_steps": 8, "device": "cuda", "precision": "bf16",
+    }
+    opts.update(extra)
+    return opts
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_engine_with_the_graph_crosses_epochs_and_resumes_to_the_same_losses(tmp_path):
+    data = make_demo_dataset(tmp_path / "data", num_images=10, size=16, seed=0)  # batches of 4, 4, 2 per epoch
+    events: list[object] = []
+    train(config_mod.resolve(None, _options(data, tmp_path, "straight")), events.append)
+    assert not [e for e in events if isinstance(e, Note) and "CUDA graph" in e.text]
+    straight = _losses(tmp_path / "w" / "straight")
+    assert len(straight) == 8 and all(torch.isfinite(torch.tensor(straight)))
+
+    flag = StopFlag()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, StepStats) and event.step == 4:
+            flag.request("test")
+
+    opts = _options(data, tmp_path, "split")
+    with pytest.raises(TrainingStopped):
+        train(config_mod.resolve(None, opts), on_event, flag)
+    train(config_mod.resolve(None, {**opts, "resume_from_checkpoint": "latest"}))
+    # Same data order, flips, timesteps and noise after the resume (the graph's warm-up gives its draws
+    # back); cuDNN may pick other kernels in a new process, hence the tolerance.
+    assert _losses(tmp_path / "w" / "split") == pytest.approx(straight, rel=2e-2)
+    weights = load_file(str(tmp_path / "w" / "split" / "checkpoint_8" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+def test_sampling_graph_matches_the_eager_loop_and_is_reused(sampler):
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = prepare_for_sampling(UNet(TINY).to(device).eval().requires_grad_(False), device)
+    sched = Schedule(DiffusionConfig(), device)
+    graphs = sampling.SamplingGraphs()
+    captured = []
+    for seed in (1, 2):
+        noise = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).to(device)
+        graphed = sampling.sample(model, sched, noise, sampler=sampler, steps=10, autocast=BF16.autocast, graphs=graphs)
+        eager = sampling.sample(model, sched, noise, sampler=sampler, steps=10, autocast=BF16.autocast)
+        assert graphs.failed is None and graphs.graph is not None
+        torch.testing.assert_close(graphed.images, eager.images, atol=2e-2, rtol=0)
+        captured.append(graphs.graph)
+    assert captured[0] is captured[1]  # the second batch of the same shape replayed the same graph
+
+
+def test_compiled_sampling_skips_the_outer_graph_and_runs():
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = prepare_for_sampling(UNet(TINY).to(device).eval().requires_grad_(False), device, compile=True)
+    sched = Schedule(DiffusionConfig(), device)
+    graphs = sampling.SamplingGraphs()
+    noise = torch.randn(4, 3, 16, 16, device=device)
+    for _ in range(3):  # compile, record the compiler's graphs, replay them
+        out = sampling.sample(model, sched, noise, sampler="ddim", steps=5, autocast=BF16.autocast, graphs=graphs)
+    assert graphs.graph is None and torch.isfinite(out.images).all()
