@@ -61,7 +61,7 @@ from ddpmctl.runtime import (  # noqa: E402
     select_device,
 )
 from ddpmctl.sampling import SamplingGraphs  # noqa: E402
-from ddpmctl.step import TrainStep  # noqa: E402
+from ddpmctl.step import TrainStep, make_optimizer  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of the GPUs we quote a share of peak for.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
@@ -195,8 +195,7 @@ def ddpmctl_train_step(model: UNet, device: torch.device, precision: Precision, 
     set_low_precision_norms(model, opts["low_norms"])
     schedule = Schedule(DiffusionConfig(), device)
     deferred = wants_deferred_guard(device, precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0,
-                                  fused=device.type == "cuda" or deferred or None)
+    optimizer = make_optimizer(model.parameters(), 2e-4, 0.0, device, deferred)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, 5000, 10**6)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     ema = EMA(model, 0.9999)

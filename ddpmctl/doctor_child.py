@@ -27,6 +27,7 @@ from .config import Config, from_dict
 from .diffusion import Schedule
 from .model import set_low_precision_norms
 from .runtime import Precision, build_model, classify_oom, configure_backends, low_precision_norms, resolve_precision
+from .step import make_optimizer
 
 # ----------------------------------------------------------------------------- memory readings
 
@@ -252,8 +253,7 @@ class Prober:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.training
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                           fused=(device.type == "cuda") or None)
+        self.optimizer = make_optimizer(self.params, t.learning_rate, t.weight_decay, device)
         self.ema = [p.detach().float().clone() for p in self.params] if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
         self.schedule = Schedule(cfg.diffusion, device)

@@ -46,7 +46,7 @@ from .runtime import (
     select_device,
 )
 from .sampling import progression_grid, sample, save_png
-from .step import TrainStep
+from .step import TrainStep, make_optimizer
 
 # ----------------------------------------------------------------------------- events
 
@@ -370,10 +370,8 @@ class _Trainer:
         self.ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         # On CUDA the non-finite guard runs on the device (see run()): it needs fused AdamW's found_inf.
         self.deferred_guard = wants_deferred_guard(self.device, self.precision)
-        fused = self.device.type == "cuda" or self.deferred_guard
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None
-        )
+        self.optimizer = make_optimizer(model.parameters(), t.learning_rate, t.weight_decay, self.device,
+                                        self.deferred_guard)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, t.warmup_steps, t.num_training_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.schedule = Schedule(cfg.diffusion, self.device)

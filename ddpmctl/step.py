@@ -37,6 +37,15 @@ def graph_blocker(device: torch.device, precision: Precision, accumulation: int,
     return None
 
 
+def make_optimizer(params: Any, lr: float, weight_decay: float, device: torch.device,
+                   deferred_guard: bool = False) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA and the CPU: one multi-tensor kernel instead of a Python loop over the
+    parameters (4% of a small model's CPU step), and on CUDA the device-side skip of non-finite steps
+    (``found_inf``). MPS keeps PyTorch's default implementation."""
+    fused = device.type in ("cuda", "cpu") or deferred_guard
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class TrainStep:
     """Forward, backward, unscale and clip for one optimisation step (optionally as a replayed CUDA graph)."""
 
