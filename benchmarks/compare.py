@@ -162,6 +162,17 @@ def timed_rounds(fns: dict[str, Callable[[], object]], device: torch.device, rou
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def matmul_tflops(device: torch.device, precision: Precision) -> float:
+    """What one large matrix multiply reaches here, at the benchmark's precision: the practical ceiling."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = precision.dtype or torch.float32
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    secs = timed_rounds({"mm": lambda: a @ b}, device, 5, 3 if device.type == "cpu" else 20)["mm"]
+    return 2 * n**3 / secs / 1e12
+
+
 def gpu_peak_tflops(device: torch.device, precision: Precision) -> float | None:
     if device.type != "cuda" or precision.dtype is None:
         return None
@@ -427,6 +438,10 @@ def print_table(res: dict, variants: list[str]) -> None:
             rows.append((f"  achieved TFLOP/s ({v})", fmt(ta, ".2f"), fmt(tb, ".2f"), ""))
             if peak:
                 rows.append((f"  share of {peak:.0f} TFLOP/s peak", f"{100 * ta / peak:.1f}%", f"{100 * tb / peak:.1f}%", ""))
+            mm = res.get("matmul_tflops")
+            if mm:
+                rows.append((f"  share of a large matmul ({mm:.2f} TFLOP/s)", f"{100 * ta / mm:.0f}%",
+                             f"{100 * tb / mm:.0f}%", ""))
         ma, mb = res.get(f"ddpmctl_train_peak_mib_{v}"), res.get(f"diffusers_train_peak_mib_{v}")
         rows.append((f"  peak memory MiB ({res['memory_kind']})", fmt(ma), fmt(mb), ""))
         suffix = f"_train_img_s_{v}"
@@ -513,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if not res["flops_matched"]:
         print(f"warning: model FLOPs differ by {100 * (ratio - 1):+.1f}% (more than 10%)", file=sys.stderr)
     res["peak_tflops"] = gpu_peak_tflops(device, precision)
+    res["matmul_tflops"] = matmul_tflops(device, precision)
 
     for v in variants:
         for name, fn in (("training", bench_training), ("sampling", bench_sampling)):
