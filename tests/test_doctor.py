@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 from ddpmctl import doctor
 from ddpmctl.cli.main import app
 from ddpmctl.config import Config, apply_overrides
-from ddpmctl.doctor import Fit, ModelCost, Point, Probe, fit_line, limit_by_oom, recommend
+from ddpmctl.cost import ModelCost, model_cost
+from ddpmctl.doctor import Fit, Point, Probe, fit_line, limit_by_oom, recommend
 from ddpmctl.doctor_child import MpsBackend, classify_oom
+from ddpmctl.machine import child_env, mps_watermark
+from ddpmctl.runtime import build_model
 
 MIB = 2**20
 TINY = {"img_size": 16, "starting_channels": 8, "channel_multipliers": "1,2", "attention_resolutions": "8",
@@ -76,13 +79,13 @@ def test_extrapolation_scales_slope_by_activations_and_speed_by_flops():
 
 def test_model_cost_counts_activations_and_attention_kinds():
     cfg = apply_overrides(Config(), TINY)
-    small = doctor.model_cost(cfg)
-    double = doctor.model_cost(apply_overrides(cfg, {"img_size": 32, "attention_resolutions": "16"}))
-    assert small.parameters == sum(p.numel() for p in doctor.build_model(cfg).parameters())
+    small = model_cost(cfg)
+    double = model_cost(apply_overrides(cfg, {"img_size": 32, "attention_resolutions": "16"}))
+    assert small.parameters == sum(p.numel() for p in build_model(cfg).parameters())
     assert 3.5 < double.activation_bytes / small.activation_bytes < 4.5  # activations grow with H x W
     assert 4.0 < double.flops / small.flops < 16.0  # convolutions x4, attention (N^2) x16
     # The MPS path spells attention out and keeps the N x N weights; fused kernels do not.
-    assert doctor.model_cost(cfg, "math").activation_bytes > small.activation_bytes
+    assert model_cost(cfg, "math").activation_bytes > small.activation_bytes
 
 
 # ----------------------------------------------------------------------------- OOM classification
@@ -106,12 +109,12 @@ def test_oom_classification_for_cuda_mps_and_cpu_messages():
 
 
 def test_child_env_sets_the_mps_watermark_never_to_zero():
-    env = doctor.child_env("mps", {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.0", "PYTORCH_MPS_LOW_WATERMARK_RATIO": "1.4"})
+    env = child_env("mps", {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.0", "PYTORCH_MPS_LOW_WATERMARK_RATIO": "1.4"})
     assert env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"] == "1.0"
     assert float(env["PYTORCH_MPS_LOW_WATERMARK_RATIO"]) <= 1.0  # torch refuses low > high
-    assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO" not in doctor.child_env("cpu", {})
-    assert doctor.mps_watermark({"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0"})[1] is not None
-    assert doctor.mps_watermark({})[1] is None and "1.7" in doctor.mps_watermark({})[0]
+    assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO" not in child_env("cpu", {})
+    assert mps_watermark({"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0"})[1] is not None
+    assert mps_watermark({})[1] is None and "1.7" in mps_watermark({})[0]
 
 
 # ----------------------------------------------------------------------------- the MPS path, through a fake
