@@ -46,7 +46,7 @@ from .runtime import (
     select_device,
 )
 from .sampling import progression_grid, sample, save_png
-from .step import TrainStep, make_optimizer
+from .step import TrainStep, load_optimizer_state, make_optimizer
 
 # ----------------------------------------------------------------------------- events
 
@@ -420,7 +420,7 @@ class _Trainer:
                 self.ema.num_updates = int(state.get("ema_updates", 0))
             else:
                 self.ema.model.load_state_dict(self.model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         # The schedule's lambda is rebuilt from this run's num_training_steps, so a resume may extend it.
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

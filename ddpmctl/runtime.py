@@ -201,6 +201,22 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def abandon_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Put CUDA back in order after a capture that failed: the stream it ran on, and the RNG's capture flag.
+
+    An invalidated capture raises in ``cudaStreamEndCapture`` before PyTorch restores the current stream
+    and tells the default generator that capturing is over; its next random draw would then fail. A
+    trivial capture runs that bookkeeping again.
+    """
+    torch.cuda.set_stream(stream)
+    with contextlib.suppress(RuntimeError):
+        torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        torch.zeros(1, device=device)
+    del graph
+
+
 def compile_model(model: torch.nn.Module, device: torch.device, purpose: str = "train") -> torch.nn.Module:
     """torch.compile for training (default mode: fused kernels) or sampling.
 

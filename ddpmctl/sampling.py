@@ -14,7 +14,7 @@ from torch import nn
 
 from . import diffusion
 from .diffusion import Schedule
-from .runtime import classify_oom, is_compiled
+from .runtime import abandon_capture, classify_oom, is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
@@ -185,14 +185,15 @@ def sample(
         record = record_every is not None
     if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.compile_model
             and SamplingGraphs.eligible(device, sampler, eta, record)):
+        stream = torch.cuda.current_stream(device)
         try:
             images = graphs.run(model, sched, noise, sampler, timesteps, autocast)
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample eagerly from now on
             graphs.reset()
+            abandon_capture(device, stream)
             if classify_oom(exc) is not None:
                 raise  # the caller halves the batch
             graphs.failed = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); sampling without it"
-            torch.cuda.synchronize(device)
         else:
             if callback is not None:
                 callback(len(timesteps), len(timesteps))

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import diffusion
 from .diffusion import Schedule
-from .runtime import Precision, classify_oom
+from .runtime import Precision, abandon_capture, classify_oom
 
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
 
@@ -44,6 +44,26 @@ def make_optimizer(params: Any, lr: float, weight_decay: float, device: torch.de
     (``found_inf``). MPS keeps PyTorch's default implementation."""
     fused = device.type in ("cuda", "cpu") or deferred_guard
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state but keep this run's implementation of it.
+
+    ``Optimizer.load_state_dict`` copies the saved param groups' flags too, so a checkpoint from an
+    unfused optimizer (an older ddpmctl on the CPU, any MPS run) would silently unfuse this one, and on
+    CUDA the device-side skip (``found_inf``) needs the fused kernel. The step counters then move to
+    where this implementation keeps them.
+    """
+    keep = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable", "differentiable")
+            if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    on_device = bool(keep.get("fused") or keep.get("capturable"))
+    for group in optimizer.param_groups:
+        group.update(keep)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
 class TrainStep:
@@ -84,6 +104,8 @@ class TrainStep:
         self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
         self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
         self.static_rows: torch.Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None  # the stream to return to if capture fails
+        self._rng: torch.Tensor | None = None  # the CUDA RNG state before the warm-up
         self.graph_grads: list[torch.Tensor | None] = []  # the .grad tensors the captured backward writes
 
     # -- eager ------------------------------------------------------------------------------------
@@ -136,13 +158,14 @@ class TrainStep:
         The graph holds a fixed batch of ``graph_batch`` images; a shorter batch (an epoch's last) fills
         the first rows and ``static_rows`` says how many count, so every step replays the same graph.
         """
+        self._stream = torch.cuda.current_stream(self.device)
         rows = self.graph_batch or batch.shape[0]
         self.static_batch = torch.zeros((rows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
         self.static_rows = torch.zeros((), dtype=torch.float32, device=self.device)
         self._load(batch)
         # The warm-up draws flips, timesteps and noise: put the generator back afterwards, so a resumed run
         # draws what the uninterrupted one drew.
-        rng = torch.cuda.get_rng_state(self.device)
+        self._rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -155,7 +178,7 @@ class TrainStep:
         # peak stays that of one eager step rather than two (what doctor's sizing assumes).
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        torch.cuda.set_rng_state(rng, self.device)
+        torch.cuda.set_rng_state(self._rng, self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -192,7 +215,8 @@ class TrainStep:
                 self._capture(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
                 self.use_graph, self.graph, self.static_out = False, None, None
-                torch.cuda.synchronize(self.device)
+                abandon_capture(self.device, self._stream)
+                torch.cuda.set_rng_state(self._rng, self.device)  # the eager step draws what the graph would have
                 self.zero_grad(force=True)
                 if classify_oom(exc) is not None:
                     raise

@@ -84,8 +84,9 @@ def test_engine_with_the_graph_crosses_epochs_and_resumes_to_the_same_losses(tmp
         train(config_mod.resolve(None, opts), on_event, flag)
     train(config_mod.resolve(None, {**opts, "resume_from_checkpoint": "latest"}))
     # Same data order, flips, timesteps and noise after the resume (the graph's warm-up gives its draws
-    # back); cuDNN may pick other kernels in a new process, hence the tolerance.
-    assert _losses(tmp_path / "w" / "split") == pytest.approx(straight, rel=2e-2)
+    # back); some cuDNN backward kernels add in a varying order, hence a tolerance well below the
+    # few-percent spread of the losses themselves.
+    assert _losses(tmp_path / "w" / "split") == pytest.approx(straight, rel=1e-3)
     weights = load_file(str(tmp_path / "w" / "split" / "checkpoint_8" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -118,3 +119,35 @@ def test_compiled_sampling_skips_the_outer_graph_and_runs():
     for _ in range(3):  # compile, record the compiler's graphs, replay them
         out = sampling.sample(model, sched, noise, sampler="ddim", steps=5, autocast=BF16.autocast, graphs=graphs)
     assert graphs.graph is None and torch.isfinite(out.images).all()
+
+
+class _Uncapturable(UNet):
+    """Reads a value back to the host while a graph is being captured: the capture fails."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            float(x.sum())
+        return super().forward(x, t)
+
+
+def test_a_failed_capture_falls_back_to_eager_and_cuda_keeps_working():
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = _Uncapturable(TINY).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = TrainStep(model, model, Schedule(DiffusionConfig(), device), BF16, torch.amp.GradScaler("cuda", enabled=False),
+                     opt, device, cuda_graph=True, graph_batch=4)
+    for _ in range(2):  # the failed capture, then a plain eager step: random draws and the stream still work
+        loss, _, check = step.forward_backward([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
+        step.apply(lr, None, (~torch.isfinite(check)).float())
+        assert torch.isfinite(loss) and step.graph is None and not step.use_graph
+    assert step.graph_note is not None and "capture failed" in step.graph_note
+    assert not torch.cuda.is_current_stream_capturing()
+
+    model.eval()
+    graphs = sampling.SamplingGraphs()
+    noise = torch.randn(2, 3, 16, 16, device=device)
+    out = sampling.sample(model, Schedule(DiffusionConfig(), device), noise, sampler="ddim", steps=4, graphs=graphs)
+    assert graphs.failed is not None and torch.isfinite(out.images).all()
+    torch.rand(1, device=device)  # the default generator is out of capture mode

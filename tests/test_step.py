@@ -157,3 +157,59 @@ def test_padded_rows_count_for_nothing():
     torch.testing.assert_close(loss, loss2)
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b)
+
+
+class _RowwiseTorch:
+    """The step module's ``torch`` with each image's timestep and noise a function of its own pixels,
+    so a batch and the same images padded with more rows draw the same values for the real rows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randint(self, low, high, size, device=None, **kwargs):
+        return torch.arange(size[0], device=device) * 7 % high
+
+    def randn_like(self, x, **kwargs):
+        return torch.sin(x * 13.0 + 1.0)
+
+
+def test_a_padded_short_batch_matches_the_plain_mean_over_its_images(monkeypatch):
+    from ddpmctl import step as step_mod
+
+    monkeypatch.setattr(step_mod, "torch", _RowwiseTorch())
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    step, _ = _step(model, random_flip=False)
+    short = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    padded = torch.cat([short, torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
+
+    step.zero_grad(force=True)
+    plain = step.micro_batch(short)
+    plain_grads = [p.grad.clone() for p in step.params]
+    step.zero_grad(force=True)
+    masked = step.micro_batch(padded, rows=torch.tensor(3.0))
+    torch.testing.assert_close(masked, plain)
+    for p, g in zip(step.params, plain_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_resuming_keeps_this_runs_optimizer_implementation():
+    from ddpmctl.step import load_optimizer_state, make_optimizer
+
+    model = UNet(TINY)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)  # unfused, as older ddpmctl saved on the CPU
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    fused = make_optimizer(model.parameters(), 1e-3, 0.0, torch.device("cpu"))
+    load_optimizer_state(fused, old.state_dict())
+    assert all(g["fused"] for g in fused.param_groups)
+    assert all(s["step"].dtype == torch.float32 and s["step"].item() == 1 for s in fused.state.values())
+    fused.found_inf = torch.zeros(())  # the device-side skip works after the load (it needs the fused kernel)
+    fused.step()
+    assert all(s["step"].item() == 2 for s in fused.state.values())
+
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # and the other way (an MPS run resuming a CPU one)
+    load_optimizer_state(plain, fused.state_dict())
+    assert not any(g["fused"] for g in plain.param_groups)
+    plain.step()
