@@ -135,7 +135,7 @@ class TrainStep:
             else:  # the graph's fixed-size batch: only the first `rows` images are real (see _graphed)
                 per_image = diffusion.loss_fn(pred, target, self.loss_fn, reduction="none").flatten(1).mean(1)
                 real = torch.arange(per_image.shape[0], device=per_image.device) < rows
-                loss = (per_image * real).sum() / rows
+                loss = torch.where(real, per_image, 0.0).sum() / rows  # where, not *: a padded NaN must not leak
             self.scaler.scale(loss / self.accumulation).backward()
         return loss.detach()
 
@@ -216,7 +216,8 @@ class TrainStep:
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
                 self.use_graph, self.graph, self.static_out = False, None, None
                 abandon_capture(self.device, self._stream)
-                torch.cuda.set_rng_state(self._rng, self.device)  # the eager step draws what the graph would have
+                if self._rng is not None:  # the eager step draws what the graph would have
+                    torch.cuda.set_rng_state(self._rng, self.device)
                 self.zero_grad(force=True)
                 if classify_oom(exc) is not None:
                     raise
