@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import diffusion
 from .diffusion import Schedule
+from .errors import DdpmctlError
 from .runtime import Precision, abandon_capture, classify_oom
 
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
@@ -215,7 +216,11 @@ class TrainStep:
                 self._capture(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
                 self.use_graph, self.graph, self.static_out = False, None, None
-                abandon_capture(self.device, self._stream)
+                try:
+                    abandon_capture(self.device, self._stream)
+                except Exception:  # noqa: BLE001 - CUDA itself is in trouble now: say what to do
+                    raise DdpmctlError(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}) and "
+                                       "CUDA did not recover; rerun with --no-cuda-graph") from exc
                 if self._rng is not None:  # the eager step draws what the graph would have
                     torch.cuda.set_rng_state(self._rng, self.device)
                 self.zero_grad(force=True)
