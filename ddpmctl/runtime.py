@@ -217,17 +217,6 @@ def abandon_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
     del graph
 
 
-def compile_model(model: torch.nn.Module, device: torch.device, purpose: str = "train") -> torch.nn.Module:
-    """torch.compile for training (default mode: fused kernels) or sampling.
-
-    Training gets its CUDA graph from ddpmctl (step.TrainStep captures the compiled step). Sampling on
-    CUDA uses the compiler's own graphs (mode="reduce-overhead"): replaying ddpmctl's whole-loop graph
-    of a compiled network crashed on an H200 (torch 2.11), so sampling.SamplingGraphs skips compiled models.
-    """
-    mode = "reduce-overhead" if purpose == "sample" and device.type == "cuda" else None
-    return torch.compile(model, mode=mode)
-
-
 def is_compiled(model: torch.nn.Module) -> bool:
     """Whether ``model`` is torch.compile's wrapper (an OptimizedModule)."""
     return hasattr(model, "_orig_mod")
@@ -242,6 +231,13 @@ def low_precision_norms(device: torch.device) -> bool:
 
 
 def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
-    """The inference fast path: low-precision norms on CUDA, optionally compiled (NCHW, as training)."""
+    """The inference fast path: low-precision norms on CUDA, optionally compiled (NCHW, as training).
+
+    Compiled on CUDA, it uses the compiler's own CUDA graphs (mode="reduce-overhead"): replaying
+    ddpmctl's whole-loop graph around a compiled network crashed on an H200 (torch 2.11), so
+    sampling.SamplingGraphs skips compiled models. Uncompiled, SamplingGraphs captures the loop itself.
+    """
     set_low_precision_norms(model, low_precision_norms(device))
-    return compile_model(model, device, "sample") if compile else model
+    if not compile:
+        return model
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)

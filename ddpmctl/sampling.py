@@ -183,7 +183,7 @@ def sample(
     timesteps = sampler_timesteps(sched.num_steps, sampler, steps)
     if record is None:
         record = record_every is not None
-    if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.compile_model
+    if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.prepare_for_sampling
             and SamplingGraphs.eligible(device, sampler, eta, record)):
         stream = torch.cuda.current_stream(device)
         try:

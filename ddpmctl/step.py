@@ -260,5 +260,3 @@ class TrainStep:
         """Drop the gradients after an update; a captured graph overwrites its own each replay, so they stay."""
         if self.graph is None or force:
             self.optimizer.zero_grad(set_to_none=True)
-            for p in self.params:  # parameters outside the optimizer (none in ddpmctl) too
-                p.grad = None
