@@ -6,15 +6,18 @@ import contextlib
 import datetime
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, DdpmctlError
 from .model import UNet, set_low_precision_norms
+
+T = TypeVar("T")
 
 MPS_OOM_PATTERN = re.compile(r"MPS backend out of memory", re.IGNORECASE)
 CUDA_OOM_PATTERNS = (
@@ -201,20 +204,39 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def abandon_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
-    """Put CUDA back in order after a capture that failed: the stream it ran on, and the RNG's capture flag.
+def capture_cuda_graph(device: torch.device, warmup: Callable[[], object],
+                       body: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Run ``warmup`` eagerly on a side stream (cuDNN autotuning, compilation, lazy state), then record
+    ``body`` into a CUDA graph and return it with body's outputs (its static tensors).
 
-    An invalidated capture raises in ``cudaStreamEndCapture`` before PyTorch restores the current stream
-    and tells the default generator that capturing is over; its next random draw would then fail. A
-    trivial capture runs that bookkeeping again.
+    If the capture fails, CUDA is put back in order before the error propagates: an invalidated capture
+    raises in ``cudaStreamEndCapture`` before PyTorch restores the current stream and tells the default
+    generator that capturing is over (its next random draw would fail); a trivial capture runs that
+    bookkeeping again. If even that fails, a DdpmctlError says so.
     """
-    torch.cuda.set_stream(stream)
-    with contextlib.suppress(RuntimeError):
-        torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        warmup()
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        torch.zeros(1, device=device)
-    del graph
+    try:
+        # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = body()
+    except Exception as exc:
+        try:
+            torch.cuda.set_stream(stream)
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize(device)
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+                torch.zeros(1, device=device)
+        except Exception:  # noqa: BLE001 - CUDA itself is in trouble now
+            raise DdpmctlError(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}) and CUDA did "
+                               "not recover; rerun without CUDA graphs (train: --no-cuda-graph)") from exc
+        raise
+    return graph, out
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -14,7 +14,8 @@ from torch import nn
 
 from . import diffusion
 from .diffusion import Schedule
-from .runtime import abandon_capture, classify_oom, is_compiled
+from .errors import DdpmctlError
+from .runtime import capture_cuda_graph, classify_oom, is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
@@ -137,15 +138,11 @@ class SamplingGraphs:
                                                noise.dtype, last)
                 return x.clamp(-1, 1)
 
-            side = torch.cuda.Stream(noise.device)
-            side.wait_stream(torch.cuda.current_stream(noise.device))
-            with torch.cuda.stream(side):  # one eager step: cuDNN autotuning and compilation happen outside capture
+            def warmup() -> None:  # one eager step: cuDNN autotuning happens outside the capture
                 _denoise_step(model, sched, static_in.float(), timesteps[0], -1 if len(timesteps) < 2 else timesteps[1],
                               sampler, 0.0, None, autocast, noise.dtype, (None, None))
-            torch.cuda.current_stream(noise.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = loop()
+
+            graph, static_out = capture_cuda_graph(noise.device, warmup, loop)
             self.key, self.graph, self.static_in, self.static_out = key, graph, static_in, static_out
             self.inputs = (model, sched, autocast)
         else:
@@ -185,12 +182,12 @@ def sample(
         record = record_every is not None
     if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.prepare_for_sampling
             and SamplingGraphs.eligible(device, sampler, eta, record)):
-        stream = torch.cuda.current_stream(device)
         try:
             images = graphs.run(model, sched, noise, sampler, timesteps, autocast)
+        except DdpmctlError:
+            raise
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample eagerly from now on
             graphs.reset()
-            abandon_capture(device, stream)
             if classify_oom(exc) is not None:
                 raise  # the caller halves the batch
             graphs.failed = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); sampling without it"

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import diffusion
 from .diffusion import Schedule
 from .errors import DdpmctlError
-from .runtime import Precision, abandon_capture, classify_oom
+from .runtime import Precision, capture_cuda_graph, classify_oom
 
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
 
@@ -105,7 +105,6 @@ class TrainStep:
         self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
         self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
         self.static_rows: torch.Tensor | None = None
-        self._stream: torch.cuda.Stream | None = None  # the stream to return to if capture fails
         self._rng: torch.Tensor | None = None  # the CUDA RNG state before the warm-up
         self.graph_grads: list[torch.Tensor | None] = []  # the .grad tensors the captured backward writes
 
@@ -159,7 +158,6 @@ class TrainStep:
         The graph holds a fixed batch of ``graph_batch`` images; a shorter batch (an epoch's last) fills
         the first rows and ``static_rows`` says how many count, so every step replays the same graph.
         """
-        self._stream = torch.cuda.current_stream(self.device)
         rows = self.graph_batch or batch.shape[0]
         self.static_batch = torch.zeros((rows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
         self.static_rows = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -167,24 +165,20 @@ class TrainStep:
         # The warm-up draws flips, timesteps and noise: put the generator back afterwards, so a resumed run
         # draws what the uninterrupted one drew.
         self._rng = torch.cuda.get_rng_state(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+
+        def warmup() -> None:
             for _ in range(GRAPH_WARMUP_STEPS):  # gradients only: the weights do not change
                 self.zero_grad(force=True)
                 self._eager([self.static_batch], self.static_rows)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
-        # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
-        # peak stays that of one eager step rather than two (what doctor's sizing assumes).
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.set_rng_state(self._rng, self.device)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_out = self._eager([self.static_batch], self.static_rows)
-        self.graph = graph
+            self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
+            # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
+            # peak stays that of one eager step rather than two (what doctor's sizing assumes).
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.set_rng_state(self._rng, self.device)
+
+        self.graph, self.static_out = capture_cuda_graph(
+            self.device, warmup, lambda: self._eager([self.static_batch], self.static_rows))
         self.graph_grads = [p.grad for p in self.params]
 
     def _fits(self, batch: torch.Tensor) -> bool:
@@ -214,13 +208,10 @@ class TrainStep:
         if self.graph is None:
             try:
                 self._capture(batch)
+            except DdpmctlError:
+                raise
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
                 self.use_graph, self.graph, self.static_out = False, None, None
-                try:
-                    abandon_capture(self.device, self._stream)
-                except Exception:  # noqa: BLE001 - CUDA itself is in trouble now: say what to do
-                    raise DdpmctlError(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}) and "
-                                       "CUDA did not recover; rerun with --no-cuda-graph") from exc
                 if self._rng is not None:  # the eager step draws what the graph would have
                     torch.cuda.set_rng_state(self._rng, self.device)
                 self.zero_grad(force=True)
