@@ -529,6 +529,7 @@ class _Trainer:
         self.setup()
         cfg, t = self.cfg, self.cfg.training
         accum = t.gradient_accumulation_steps
+        per_step = t.batch_size * accum * self.dist.world_size  # images in a full optimizer step
         if self.dist.is_main:  # the run folder was created and tidied by _resume_point
             try:
                 write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -542,7 +543,7 @@ class _Trainer:
             total_steps=t.num_training_steps, start_step=self.step, device=str(self.device),
             precision=self.precision.name, world_size=self.dist.world_size,
             parameters=sum(p.numel() for p in self.model.parameters()),
-            effective_batch=t.batch_size * accum * self.dist.world_size, data=self.data_desc,
+            effective_batch=per_step, data=self.data_desc,
             run_dir=str(self.run_dir), notes=self.notes,
         ))
         if self.wandb is not None and self.dist.is_main:
@@ -562,7 +563,8 @@ class _Trainer:
         saved_step = -1
         try:
             while self.step < t.num_training_steps:
-                step_loss, grad_norm, check = self.train_step.forward_backward([next(self.stream) for _ in range(accum)])
+                batches = [next(self.stream) for _ in range(accum)]
+                step_loss, grad_norm, check = self.train_step.forward_backward(batches)
                 if self.train_step.graph_note:
                     self.emit(Note(self.train_step.graph_note))
                     self.train_step.graph_note = None
@@ -590,7 +592,7 @@ class _Trainer:
                 self.train_step.apply(self.scheduler, self.ema, bad if self.deferred_guard else None)
                 self.step += 1
                 loss_sum += step_loss
-                n_images = t.batch_size * accum * self.dist.world_size
+                n_images = sum(b.shape[0] for b in batches) * self.dist.world_size  # a short last batch: what it holds
                 window_images += n_images
                 images_done += n_images
                 window_steps += 1
@@ -613,7 +615,7 @@ class _Trainer:
                     lr = self.scheduler.get_last_lr()[0]
                     stats = StepStats(
                         self.step, t.num_training_steps, last_loss, lr, speed, float(grad_norm), now - start_time,
-                        (t.num_training_steps - self.step) * n_images / max(speed, 1e-9), self.skipped_total,
+                        (t.num_training_steps - self.step) * per_step / max(speed, 1e-9), self.skipped_total,
                     )
                     self.emit(stats)
                     if self.dist.is_main:
