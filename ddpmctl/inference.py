@@ -33,10 +33,11 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, precision: str = "auto",
-               compile: bool = False) -> LoadedModel:
+               compile: bool = False, cuda_graph: bool = True) -> LoadedModel:
     """Rebuild the network from the checkpoint's own config and load its (EMA) weights.
 
     ``compile`` runs it through torch.compile (CUDA graphs on CUDA): slow first batch, faster afterwards.
+    ``cuda_graph``: on CUDA, deterministic sampling loops replay as captured graphs (sampling.SamplingGraphs).
     """
     ckpt, notes = checkpoints.locate(path)
     meta = checkpoints.read_meta(ckpt)
@@ -54,7 +55,8 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
     model = prepare_for_sampling(model.to(dev).eval().requires_grad_(False), dev, compile)
     prec = resolve_precision(precision, dev)
     return LoadedModel(model, Schedule(cfg.diffusion, dev), cfg, ckpt, int(meta["step"]),
-                       use_ema and has_ema, dev, prec, notes, SamplingGraphs() if dev.type == "cuda" else None)
+                       use_ema and has_ema, dev, prec, notes,
+                       SamplingGraphs() if cuda_graph and dev.type == "cuda" else None)
 
 
 @dataclass

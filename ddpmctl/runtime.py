@@ -209,10 +209,11 @@ def capture_cuda_graph(device: torch.device, warmup: Callable[[], object],
     """Run ``warmup`` eagerly on a side stream (cuDNN autotuning, compilation, lazy state), then record
     ``body`` into a CUDA graph and return it with body's outputs (its static tensors).
 
-    If the capture fails, CUDA is put back in order before the error propagates: an invalidated capture
-    raises in ``cudaStreamEndCapture`` before PyTorch restores the current stream and tells the default
-    generator that capturing is over (its next random draw would fail); a trivial capture runs that
-    bookkeeping again. If even that fails, a DdpmctlError says so.
+    If the capture fails, CUDA is put back in order before body's own error propagates: an invalidated
+    capture raises in ``cudaStreamEndCapture`` before PyTorch restores the current stream, tells the
+    default generator that capturing is over (its next random draw would fail) and hands back the
+    graph's memory pool. The stream is set back, a trivial capture runs the generator's bookkeeping
+    again, and the pool is closed and released. If even that fails, a DdpmctlError says so.
     """
     stream = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
@@ -220,12 +221,22 @@ def capture_cuda_graph(device: torch.device, warmup: Callable[[], object],
     with torch.cuda.stream(side):
         warmup()
     stream.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+    failure: list[BaseException] = []  # body's own error: the one capture_end raises afterwards says less
+
+    def recorded() -> T:
+        try:
+            return body()
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
     try:
         # thread_local: the data loader's pin-memory thread keeps calling CUDA while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = body()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = recorded()
     except Exception as exc:
+        cause = failure[0] if failure else exc
         try:
             torch.cuda.set_stream(stream)
             with contextlib.suppress(RuntimeError):
@@ -233,9 +244,13 @@ def capture_cuda_graph(device: torch.device, warmup: Callable[[], object],
             with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
                 torch.zeros(1, device=device)
         except Exception:  # noqa: BLE001 - CUDA itself is in trouble now
-            raise DdpmctlError(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}) and CUDA did "
-                               "not recover; rerun without CUDA graphs (train: --no-cuda-graph)") from exc
-        raise
+            raise DdpmctlError(f"CUDA graph capture failed ({type(cause).__name__}: {str(cause)[:120]}) and CUDA "
+                               "did not recover; rerun with --no-cuda-graph") from exc
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with contextlib.suppress(Exception):  # a capture that ended cleanly released its pool itself: then this raises
+            torch._C._cuda_endAllocateToPool(index, pool)
+            torch._C._cuda_releasePool(index, pool)
+        raise cause from (None if cause is exc else exc)
     return graph, out
 
 

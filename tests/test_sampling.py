@@ -266,6 +266,22 @@ def test_sample_cli_compile_reaches_torch_compile(tiny_run, tmp_path, monkeypatc
     assert len(list((tmp_path / "c").glob("sample_*.png"))) == 2
 
 
+def test_sample_cli_no_cuda_graph_reaches_load_model(tiny_run, tmp_path, monkeypatch):
+    from ddpmctl.cli import sample as sample_cli
+
+    seen = []
+    real = sample_cli.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cuda_graph"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_cli, "load_model", spy)
+    assert _sample(tiny_run, tmp_path / "a", "--device", "cpu").exit_code == 0
+    assert _sample(tiny_run, tmp_path / "b", "--device", "cpu", "--no-cuda-graph").exit_code == 0
+    assert seen == [True, False]
+
+
 def test_sample_cli_missing_checkpoint(tmp_path):
     result = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output

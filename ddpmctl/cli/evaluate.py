@@ -18,6 +18,7 @@ from .sample import (
     BatchSizeOpt,
     CheckpointOpt,
     CompileOpt,
+    CudaGraphOpt,
     DeviceOpt,
     EtaOpt,
     NoEmaOpt,
@@ -51,12 +52,14 @@ def evaluate_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
+    cuda_graph: CudaGraphOpt = True,
 ) -> None:
     """Generate --num images and report FID and KID against the images in --data."""
     steps = check_sampler_options(sampler, steps, precision)
     if not data.is_dir():
         raise EvaluationError(f"--data {data} is not a folder of images")
-    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile)
+    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile,
+                        cuda_graph=cuda_graph)
     steps = check_steps(steps, loaded, sampler)
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:

@@ -38,6 +38,10 @@ CompileOpt = Annotated[bool, typer.Option(
                       "for the compilation (a minute or more), later batches run faster; on the CPU it works too, "
                       "but compiling is slow there and pays off only for long runs")]
 
+CudaGraphOpt = Annotated[bool, typer.Option(
+    "--cuda-graph/--no-cuda-graph", help="CUDA: replay each deterministic DDIM (--eta 0) or DPM-Solver++ loop as one "
+                                         "captured CUDA graph")]
+
 
 @handle_errors
 def sample_cmd(
@@ -58,6 +62,7 @@ def sample_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
+    cuda_graph: CudaGraphOpt = True,
     force: Annotated[bool, typer.Option(
         "--force", help="replace the sample_*.png, samples.png and progression.png already in --out "
                         "(they are deleted before sampling)")] = False,
@@ -65,7 +70,8 @@ def sample_cmd(
     """Generate --num images as PNG files in --out."""
     steps = check_sampler_options(sampler, steps, precision)
     earlier_outputs(out, force)  # refuse a file, or earlier samples without --force, before loading anything
-    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile)
+    loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile,
+                        cuda_graph=cuda_graph)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     steps = check_steps(steps, loaded, sampler)
