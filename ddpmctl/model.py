@@ -80,9 +80,22 @@ class ResBlock(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manual: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors (Vaswani et al. 2017, Eq. 1)."""
-    if manual:  # MPS: scaled_dot_product_attention has been unreliable there, so spell it out
+    if manual:  # see spell_out_attention
         return torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA and the CPU
+
+
+def spell_out_attention(q: torch.Tensor) -> bool:
+    """Whether plain matmuls beat scaled_dot_product_attention here.
+
+    MPS: its fused kernel has been unreliable. CPU in bf16 on short sequences: the CPU flash kernel's
+    backward is slow there (10 ms of a 300 ms demo step), and the matmuls trained 11-13% more images/s
+    (demo config and compare.py --quick, 2-core EPYC); in fp32 the two were level, so fp32 and long
+    sequences (memory grows with their square) keep the fused kernel.
+    """
+    if q.device.type == "mps":
+        return True
+    return q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[-2] <= 1024
 
 
 class Attention(nn.Module):
@@ -105,7 +118,7 @@ class Attention(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
         q, k, v = qkv.view(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attend(q, k, v, manual=x.device.type == "mps")  # (B, heads, HW, head_dim)
+        out = attend(q, k, v, manual=spell_out_attention(q))  # (B, heads, HW, head_dim)
         out = F.linear(out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.flatten(1), self.proj.bias)
         return x + out.transpose(1, 2).view(b, c, h, w)
 

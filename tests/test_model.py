@@ -107,3 +107,14 @@ def test_bf16_autocast_forward_keeps_shape_and_is_close():
             low = model(x, t)
     assert low.shape == ref.shape
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_spelled_out_attention_matches_the_fused_kernel_and_is_chosen_for_cpu_bf16():
+    from ddpmctl.model import attend, spell_out_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))
+    torch.testing.assert_close(attend(q, k, v, manual=True), attend(q, k, v), atol=1e-5, rtol=1e-4)
+    assert not spell_out_attention(q)  # fp32 on the CPU: the fused kernel (level speed, less memory)
+    assert spell_out_attention(q.bfloat16())  # bf16 on the CPU: matmuls (its flash backward is slow there)
+    assert not spell_out_attention(torch.randn(1, 1, 4096, 8).bfloat16())  # long sequences keep the fused kernel
