@@ -31,14 +31,20 @@ TINY = ModelConfig(img_size=16, starting_channels=16, channel_multipliers=(1, 2)
 BF16 = Precision("bf16", torch.bfloat16, "cuda")
 
 
-def test_captured_step_trains_and_takes_a_short_batch_without_leaving_the_graph():
+def _graph_step(model: UNet, graph_batch: int) -> tuple[TrainStep, torch.optim.lr_scheduler.LambdaLR]:
+    """A bf16 TrainStep with the CUDA graph on (fused AdamW, constant LR), as the engine builds it."""
     torch.manual_seed(0)
-    device = torch.device("cuda")
-    model = UNet(TINY).to(device)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     step = TrainStep(model, model, Schedule(DiffusionConfig(), device), BF16, torch.amp.GradScaler("cuda", enabled=False),
-                     opt, device, cuda_graph=True, graph_batch=8)
+                     opt, device, cuda_graph=True, graph_batch=graph_batch)
+    return step, lr
+
+
+def test_captured_step_trains_and_takes_a_short_batch_without_leaving_the_graph():
+    model = UNet(TINY).cuda()
+    step, lr = _graph_step(model, 8)
     before = [p.detach().clone() for p in model.parameters()]
     for n in (8, 8, 3, 8):  # a short batch (an epoch's last) fills the first rows of the same graph
         loss, grad_norm, check = step.forward_backward([torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)])
@@ -131,13 +137,9 @@ class _Uncapturable(UNet):
 
 
 def test_a_failed_capture_falls_back_to_eager_and_cuda_keeps_working():
-    torch.manual_seed(0)
     device = torch.device("cuda")
     model = _Uncapturable(TINY).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = TrainStep(model, model, Schedule(DiffusionConfig(), device), BF16, torch.amp.GradScaler("cuda", enabled=False),
-                     opt, device, cuda_graph=True, graph_batch=4)
+    step, lr = _graph_step(model, 4)
     for _ in range(2):  # the failed capture, then a plain eager step: random draws and the stream still work
         loss, _, check = step.forward_backward([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
         step.apply(lr, None, (~torch.isfinite(check)).float())
