@@ -374,8 +374,9 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     tag = "compile" if compile_model else "eager"
     ours = prepare_for_sampling(build_ours(ours_cfg, device, False).eval().requires_grad_(False), device, compile_model)
     theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
-    if compile_model:  # diffusers: CUDA graphs through the compiler where available (its fastest setting)
-        theirs = torch.compile(theirs, mode="reduce-overhead" if device.type == "cuda" else None)
+    if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
+        theirs = torch.compile(theirs, **({"mode": "reduce-overhead"} if device.type == "cuda" else
+                                          {"options": {"freezing": True}} if device.type == "cpu" else {}))
     size = ours_cfg.img_size
     noise = torch.randn(args.sample_batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     graphs = SamplingGraphs() if device.type == "cuda" else None

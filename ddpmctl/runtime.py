@@ -273,8 +273,13 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: 
     Compiled on CUDA, it uses the compiler's own CUDA graphs (mode="reduce-overhead"): replaying
     ddpmctl's whole-loop graph around a compiled network crashed on an H200 (torch 2.11), so
     sampling.SamplingGraphs skips compiled models. Uncompiled, SamplingGraphs captures the loop itself.
+    Compiled on the CPU, the weights are frozen into the compiled graph (inductor's ``freezing``: folded
+    constants, oneDNN convolutions with pre-packed weights), so the caller must not change them afterwards
+    (inference.load_model never does). Measured on a 2-core CPU: DDIM-50 +15-40% over uncompiled.
     """
     set_low_precision_norms(model, low_precision_norms(device))
     if not compile:
         return model
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+    if device.type == "cuda":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, options={"freezing": True} if device.type == "cpu" else None)

@@ -108,6 +108,15 @@ def test_seeded_sampling_repeats_exactly(tiny_run, sampler):
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_sampling_on_the_cpu_gives_the_eager_images(tiny_run):
+    """--compile on the CPU freezes the loaded weights into inductor's graph: same images, EMA weights kept."""
+    run = tiny_run / "working" / "tiny"
+    kw = dict(num=2, sampler="ddim", steps=3, seed=5, batch_size=2)
+    expected = _images(load_model(run, device="cpu"), **kw)
+    compiled = load_model(run, device="cpu", compile=True)
+    torch.testing.assert_close(_images(compiled, **kw), expected, rtol=1e-3, atol=1e-3)
+
+
 class OomAbove(torch.nn.Module):
     """Wraps a model and raises CUDA's out-of-memory error for batches larger than ``limit``."""
 
@@ -255,14 +264,15 @@ def test_sample_cli_refuses_a_file_and_earlier_samples_unless_force(tiny_run, tm
 def test_sample_cli_compile_reaches_torch_compile(tiny_run, tmp_path, monkeypatch):
     modes = []
 
-    def fake_compile(model, mode=None, **_kw):
-        modes.append(mode)
+    def fake_compile(model, mode=None, options=None):
+        modes.append((mode, options))
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     res = _sample(tiny_run, tmp_path / "c", "--compile", "--device", "cpu")
     assert res.exit_code == 0, res.output
-    assert modes == [None]  # compiled once; CUDA graphs (reduce-overhead) are for CUDA only
+    # compiled once, weights frozen in (CPU); CUDA graphs (reduce-overhead) are for CUDA only
+    assert modes == [(None, {"freezing": True})]
     assert len(list((tmp_path / "c").glob("sample_*.png"))) == 2
 
 
