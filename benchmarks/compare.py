@@ -321,10 +321,13 @@ def build_theirs(cfg: dict, device: torch.device, channels_last: bool) -> torch.
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def contestants(args, tag: str) -> list[str]:
+def is_compiled_spec(spec: str) -> bool:
+    return bool({"compile", "freeze", "autotune"} & set(spec.split("+")))
+
+
+def contestants(tag: str, variants: list[str]) -> list[str]:
     """Names timed side by side for one tag: ddpmctl as shipped, diffusers, then any extra ddpmctl variants."""
-    return ["ddpmctl", "diffusers",
-            *(f"ddpmctl[{v}]" for v in args.ours_variants if ("compile" in v.split("+")) == (tag == "compile"))]
+    return ["ddpmctl", "diffusers", *(f"ddpmctl[{v}]" for v in variants if is_compiled_spec(v) == (tag == "compile"))]
 
 
 def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last, compile_model, out: dict) -> None:
@@ -335,7 +338,7 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
         batch = batch.pin_memory()
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     mem: dict[str, float | None] = {}
-    for name in contestants(args, tag):
+    for name in contestants(tag, args.ours_variants):
         # Each contestant is built and warmed up (compilation, capture) alone, its peak memory read from the
         # start: a captured CUDA graph allocates its activations once, at capture, not in later replays.
         # On CUDA the figure is its own (what was allocated before it is subtracted); on the CPU it is
@@ -369,25 +372,56 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     gc.collect()
 
 
+SAMPLE_TOKENS = ("cl", "nchw", "graph", "nograph", "lpnorm", "fp32norm", "compile", "freeze", "autotune")
+
+
+def ours_sampling_model(cfg: ModelConfig, device: torch.device, spec: str) -> tuple[torch.nn.Module, bool]:
+    """ddpmctl's sampling network changed by a spec such as 'cl+nograph' or 'freeze': (model, use the loop graph).
+
+    compile = as `ddpmctl sample --compile` (reduce-overhead on CUDA); freeze = inductor with the weights
+    frozen in (plus its CUDA graphs on CUDA); autotune = mode="max-autotune" (Triton/cuDNN kernel search).
+    """
+    tokens = [t for t in spec.split("+") if t]
+    for t in tokens:
+        if t not in SAMPLE_TOKENS:
+            raise SystemExit(f"unknown sampling variant token {t!r}; choose from {', '.join(SAMPLE_TOKENS)}")
+    model = build_ours(cfg, device, "cl" in tokens).eval().requires_grad_(False)
+    model = prepare_for_sampling(model, device, compile="compile" in tokens)
+    if "lpnorm" in tokens or "fp32norm" in tokens:
+        set_low_precision_norms(model, "lpnorm" in tokens)
+    if "freeze" in tokens:
+        model = torch.compile(model, options={"freezing": True, "triton.cudagraphs": device.type == "cuda"})
+    elif "autotune" in tokens:
+        model = torch.compile(model, mode="max-autotune")
+    return model, "nograph" not in tokens
+
+
 def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last, compile_model, out: dict) -> None:
     """ddpmctl's sampling as `ddpmctl sample` runs it (prepare_for_sampling; whole-loop CUDA graphs on CUDA)."""
     tag = "compile" if compile_model else "eager"
-    ours = prepare_for_sampling(build_ours(ours_cfg, device, False).eval().requires_grad_(False), device, compile_model)
-    theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
-    if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
-        theirs = torch.compile(theirs, **({"mode": "reduce-overhead"} if device.type == "cuda" else
-                                          {"options": {"freezing": True}} if device.type == "cpu" else {}))
     size = ours_cfg.img_size
     noise = torch.randn(args.sample_batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    graphs = SamplingGraphs() if device.type == "cuda" else None
-    runs = {
-        "ddpmctl": ddpmctl_sampler(ours, device, precision, noise, graphs),
-        "diffusers": diffusers_sampler(theirs, device, precision, noise),
-    }
+    runs: dict[str, Callable[[int], torch.Tensor]] = {}
+    loop_graphs: dict[str, SamplingGraphs] = {}
+    for name in contestants(tag, args.sample_variants):
+        if name == "diffusers":
+            theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
+            if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
+                theirs = torch.compile(theirs, **({"mode": "reduce-overhead"} if device.type == "cuda" else
+                                                  {"options": {"freezing": True}} if device.type == "cpu" else {}))
+            runs[name] = diffusers_sampler(theirs, device, precision, noise)
+            continue
+        spec = name[len("ddpmctl["):-1] if "[" in name else ("compile" if compile_model else "")
+        model, use_graph = ours_sampling_model(ours_cfg, device, spec)
+        graphs = SamplingGraphs() if device.type == "cuda" and use_graph else None
+        if graphs is not None:
+            loop_graphs[name] = graphs
+        runs[name] = ddpmctl_sampler(model, device, precision, noise, graphs)
     for fn in runs.values():  # warm-up, compilation and capture: at the timed step count (a graph is per count)
         fn(2 if device.type == "cpu" else args.sample_steps)
-    if graphs is not None and graphs.failed:
-        out[f"ddpmctl_sample_note_{tag}"] = graphs.failed
+    for name, graphs in loop_graphs.items():
+        if graphs.failed:
+            out[f"{name}_sample_note_{tag}"] = graphs.failed
     full = {name: (lambda fn=fn: fn(args.sample_steps)) for name, fn in runs.items()}
     secs = timed_rounds(full, device, args.sample_rounds, 1)
     for name in runs:
@@ -453,6 +487,10 @@ def print_table(res: dict, variants: list[str]) -> None:
         a, b = res.get(f"ddpmctl_sample_img_s_{v}"), res.get(f"diffusers_sample_img_s_{v}")
         rows.append((f"DDIM-{res['sample_steps']} img/s ({v}, batch {res['sample_batch']})", fmt(a, ",.1f"), fmt(b, ",.1f"),
                      fmt(a / b if a and b else None, ".2f")))
+        suffix = f"_sample_img_s_{v}"
+        for key in sorted(k for k in res if k.startswith("ddpmctl[") and k.endswith(suffix)):
+            c = res[key]
+            rows.append((f"  variant {key[:-len(suffix)]}", fmt(c, ",.1f"), "", fmt(c / b if c and b else None, ".2f")))
     if "loader_img_s" in res:
         rows.append((f"data loader img/s ({res['loader_workers']} workers)", fmt(res["loader_img_s"]), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -480,10 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-variants", default="",
                    help="extra ddpmctl training variants timed beside the shipped one, comma-separated specs of "
                         "+-joined tokens: graph/nograph, cl/nchw, lpnorm/fp32norm, compile (e.g. nograph,compile+nograph)")
+    p.add_argument("--sample-variants", default="",
+                   help="extra ddpmctl DDIM variants timed beside the shipped one, comma-separated specs of +-joined "
+                        "tokens: cl/nchw, graph/nograph, lpnorm/fp32norm, compile, freeze, autotune (e.g. cl,freeze)")
     p.add_argument("--diffusers-head-dim", type=int, default=None,
                    help="diffusers attention_head_dim (default: one head, as ddpmctl; 8 is diffusers' own default)")
     args = p.parse_args(argv)
     args.ours_variants = [v for v in args.ours_variants.split(",") if v]
+    args.sample_variants = [v for v in args.sample_variants.split(",") if v]
     if args.threads:
         torch.set_num_threads(args.threads)
 
