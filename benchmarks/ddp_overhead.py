@@ -1,19 +1,21 @@
-"""What the DistributedDataParallel wrapper costs: training images/s with and without it, one process.
+"""What training under torchrun costs next to one process: images/s of each, forced at world size 1.
 
     .venv/bin/python benchmarks/ddp_overhead.py            # CUDA if present (NCCL), else the CPU (gloo)
     .venv/bin/python benchmarks/ddp_overhead.py --quick    # tiny model: seconds on a 2-core CPU
 
-Both variants run ddpmctl's own training loop (``engine._Trainer``) on the same data and config:
+Every variant runs ddpmctl's own training loop (``engine._Trainer``) on the same data and config:
 
-* plain: what ``ddpmctl train`` runs in one process (no process group, no wrapper);
-* ddp:   what every rank of ``torchrun -m ddpmctl train`` runs, forced at world size 1: a one-process
-  group (NCCL on CUDA, gloo on the CPU), the model inside DistributedDataParallel (gradient buckets
-  all-reduced during backward), and the per-step all-reduces of the skip decision and stop flag.
+* plain: what ``ddpmctl train`` runs in one process (no process group; the CUDA graph on CUDA);
+* torchrun: what every rank of ``torchrun -m ddpmctl train`` runs, forced at world size 1: a one-process
+  group (NCCL on CUDA, gloo on the CPU) and the per-step all-reduces of the skip decision and stop flag;
+  on CUDA the step replays its CUDA graph and GradSync all-reduces the gradients after it, elsewhere
+  the model sits inside DistributedDataParallel (gradient buckets all-reduced during backward);
+* torchrun-ddp (CUDA only): the same with --no-cuda-graph, i.e. the DistributedDataParallel path.
 
-So the difference is the wrapper's fixed cost per step; with N > 1 GPUs the all-reduce of the
-gradients over the interconnect comes on top. Images/s is read from the engine's own progress
-reports; the first report (first-step set-up, cuDNN autotuning) is dropped. The variants alternate
-over --rounds rounds, so a busy machine slows both alike, and each figure is the median.
+So the differences are the fixed costs per step; with N > 1 GPUs the all-reduce of the gradients over
+the interconnect comes on top. Images/s is read from the engine's own progress reports; the first
+report (first-step set-up, capture, cuDNN autotuning) is dropped. The variants alternate over --rounds
+rounds, so a busy machine slows all alike, and each figure is the median.
 The last line printed is one JSON object with every figure.
 """
 
@@ -66,7 +68,7 @@ def packed_data(root: Path, count: int, size: int) -> Path:
 
 def overrides(args: argparse.Namespace, data: Path, work: Path, name: str) -> dict:
     steps = args.log_interval * (args.windows + 1)
-    return {
+    return {"cuda_graph": not name.startswith("torchrun-ddp"),
         "path_to_data": str(data), "working_directory": str(work), "generated_directory": str(work / "gen"),
         "experiment_name": name, "device": args.device, "img_size": args.img_size,
         "starting_channels": args.channels, "channel_multipliers": args.multipliers,
@@ -122,34 +124,36 @@ def main() -> None:
                             timeout=datetime.timedelta(minutes=10))
     info_ddp = OneRankDDP(0, 0, 1, dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT))
     device_name = torch.cuda.get_device_name(0) if use_cuda else f"{platform.processor() or platform.machine()} CPU"
-    results: dict[str, list[float]] = {"plain": [], "ddp": []}
+    variants = ["plain", "torchrun", "torchrun-ddp"] if use_cuda else ["plain", "torchrun"]
+    results: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = packed_data(root, max(512, args.batch_size * 4), args.img_size)
         for r in range(args.rounds):
-            for variant in ("plain", "ddp") if r % 2 == 0 else ("ddp", "plain"):
-                info = info_ddp if variant == "ddp" else DistInfo()
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                info = DistInfo() if variant == "plain" else info_ddp
                 speed = run_once(args, data, root / "work", f"{variant}_{r}", info)
                 results[variant].append(speed)
-                print(f"round {r + 1}/{args.rounds} {variant:5s} {speed:10.1f} img/s", flush=True)
+                print(f"round {r + 1}/{args.rounds} {variant:12s} {speed:10.1f} img/s", flush=True)
     dist.destroy_process_group()
 
-    plain, ddp = statistics.median(results["plain"]), statistics.median(results["ddp"])
-    overhead = 100.0 * (plain - ddp) / plain
+    medians = {v: statistics.median(results[v]) for v in variants}
     print(f"\ndevice: {device_name} ({backend}), torch {torch.__version__}")
     print(f"model: {args.img_size}px, C={args.channels}, mult {args.multipliers}, {args.res_blocks} res blocks, "
           f"attention at {args.attention or 'none'}, batch {args.batch_size}, precision {args.precision}, "
           f"compile {args.compile}")
-    print(f"{'variant':<34}{'img/s (median)':>16}")
-    print(f"{'one process, no wrapper':<34}{plain:>16.1f}")
-    print(f"{'one process, DDP (world size 1)':<34}{ddp:>16.1f}")
-    print(f"DDP wrapper overhead at N=1: {overhead:+.1f}% (negative: DDP was faster, i.e. noise)")
+    labels = {"plain": "one process", "torchrun": "torchrun path, world size 1",
+              "torchrun-ddp": "torchrun, DDP wrapper (no graph)"}
+    print(f"{'variant':<36}{'img/s (median)':>16}{'vs one process':>16}")
+    for v in variants:
+        print(f"{labels[v]:<36}{medians[v]:>16.1f}{100.0 * (medians[v] / medians['plain'] - 1):>+15.1f}%")
     print(json.dumps({
         "benchmark": "ddp_overhead", "device": device_name, "backend": backend, "torch": torch.__version__,
         "img_size": args.img_size, "channels": args.channels, "multipliers": args.multipliers,
         "batch_size": args.batch_size, "precision": args.precision, "compile": args.compile,
-        "plain_img_s": results["plain"], "ddp_img_s": results["ddp"], "plain_median": plain, "ddp_median": ddp,
-        "overhead_percent": overhead,
+        **{f"{v.replace('-', '_')}_img_s": results[v] for v in variants},
+        **{f"{v.replace('-', '_')}_median": medians[v] for v in variants},
+        "overhead_percent": 100.0 * (medians["plain"] - medians["torchrun"]) / medians["plain"],
     }))
 
 

@@ -75,7 +75,7 @@ class TrainingConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32; bf16 also on MPS, bf16 CPUs
     compile: bool = False  # torch.compile the model (slow first steps, faster afterwards)
     channels_last: bool = False  # channels-last memory format on CUDA (off: NCHW trained 25% faster on an H200, README)
-    cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (one process, no accumulation, bf16/fp32)
+    cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (bf16/fp32, no accumulation; torchrun too)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     resume_from_checkpoint: str | None = None  # checkpoint_<step> or latest: continue the run from it
 

@@ -2,10 +2,11 @@
 
 ``TrainStep.forward_backward`` turns uint8 micro-batches into unscaled, clipped gradients and returns the
 loss, the gradient norm and the value whose finiteness decides whether the update may be applied; the
-trainer then runs the optimizer, LR schedule and EMA. On CUDA (one process, no gradient accumulation,
-no fp16 loss scaling) the whole forward + backward + clip is captured once as a CUDA graph and replayed
-each step: the UNet's hundreds of small kernels then cost one launch instead of hundreds of Python
-dispatches, which is what bounds an eager UNet at 32 px (see the README's Performance section).
+trainer then runs the optimizer, LR schedule and EMA. On CUDA (no gradient accumulation, no fp16 loss
+scaling) the whole forward + backward (+ clip) is captured once as a CUDA graph and replayed each step:
+the UNet's hundreds of small kernels then cost one launch instead of hundreds of Python dispatches,
+which is what bounds an eager UNet at 32 px (see the README's Performance section). Under torchrun the
+graph replaces DistributedDataParallel: ``GradSync`` all-reduces the gradients after each replay.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -34,8 +36,53 @@ def graph_blocker(device: torch.device, precision: Precision, accumulation: int,
     if accumulation > 1:
         return "gradient accumulation"
     if distributed:
-        return "torchrun (DistributedDataParallel)"
+        return "torchrun with DistributedDataParallel"
     return None
+
+
+class GradSync:
+    """Data-parallel gradients without DistributedDataParallel, for a step replayed as a CUDA graph.
+
+    Every gradient is a view of one flat fp32 buffer (as DDP's ``gradient_as_bucket_view``), so a
+    captured backward accumulates into fixed addresses and one all-reduce, issued after the replay and
+    outside the graph, averages them across ranks. Unlike DDP it does not overlap communication with
+    the backward pass; at the sizes where a graph pays (small models, launch-bound), the replay gains far more.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group: Any = None):
+        if len({p.dtype for p in params}) != 1 or len({p.device for p in params}) != 1:
+            raise ValueError("GradSync needs parameters of one dtype on one device")
+        self.params, self.group = params, group
+        self.world = dist.get_world_size(group)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.views = list(torch.split(self.flat, [p.numel() for p in params]))
+        self.views = [v.view_as(p) for v, p in zip(self.views, params, strict=True)]
+        self.attach()
+
+    def broadcast_from_rank0(self, module: nn.Module) -> None:
+        """Start every rank from rank 0's weights and buffers, as DDP's constructor does."""
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0, group=self.group)
+
+    def attach(self) -> None:
+        """Point every .grad at its view of the flat buffer (anything that dropped or replaced one)."""
+        for p, v in zip(self.params, self.views, strict=True):
+            if p.grad is not v:
+                if p.grad is not None:
+                    v.copy_(p.grad)
+                p.grad = v
+
+    def zero(self) -> None:
+        """Attach and clear: the next backward accumulates into the flat buffer."""
+        self.attach()
+        self.flat.zero_()
+
+    def all_reduce(self) -> None:
+        """Average the gradients over the ranks (no host wait)."""
+        self.attach()
+        dist.all_reduce(self.flat, group=self.group)
+        self.flat.div_(self.world)
 
 
 def make_optimizer(params: Any, lr: float, weight_decay: float, device: torch.device,
@@ -86,6 +133,7 @@ class TrainStep:
         accumulation: int = 1,
         max_grad_norm: float = 1.0,
         ddp: DistributedDataParallel | None = None,
+        grad_sync: GradSync | None = None,
         cuda_graph: bool = False,
         graph_batch: int | None = None,
     ):
@@ -95,13 +143,13 @@ class TrainStep:
         self.loss_fn, self.random_flip, self.channels_last = loss_fn, random_flip, channels_last
         self.accumulation = accumulation
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        self.ddp = ddp
+        self.ddp, self.grad_sync = ddp, grad_sync
         self.params = [p for p in model.parameters() if p.requires_grad]
         blocker = graph_blocker(device, precision, accumulation, ddp is not None) if cuda_graph else "off"
         self.use_graph = blocker is None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: torch.Tensor | None = None
-        self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor | None = None
         self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
         self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
         self.static_rows: torch.Tensor | None = None
@@ -139,11 +187,22 @@ class TrainStep:
             self.scaler.scale(loss / self.accumulation).backward()
         return loss.detach()
 
-    def _eager(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gradients(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches, this rank's gradients only: the step's loss."""
+        if self.grad_sync is not None:
+            self.grad_sync.zero()
         n = len(batches)
         losses = [self.micro_batch(b, accumulating=i < n - 1, rows=rows) for i, b in enumerate(batches)]
-        step_loss = losses[0] if n == 1 else torch.stack(losses).mean()
+        return losses[0] if n == 1 else torch.stack(losses).mean()
+
+    def _eager(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._finish(self._gradients(batches, rows))
+
+    def _finish(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All-reduce (GradSync), unscale and clip the gradients: (loss, grad_norm, check)."""
+        if self.grad_sync is not None:
+            self.grad_sync.all_reduce()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         # With loss scaling the scaler finds non-finite gradients itself; otherwise the norm carries them.
@@ -155,6 +214,8 @@ class TrainStep:
     def _capture(self, batch: torch.Tensor) -> None:
         """Warm up on a side stream, then record forward + backward + clip into one CUDA graph.
 
+        With GradSync the graph ends after the backward: the all-reduce and the clip follow each replay.
+
         The graph holds a fixed batch of ``graph_batch`` images; a shorter batch (an epoch's last) fills
         the first rows and ``static_rows`` says how many count, so every step replays the same graph.
         """
@@ -165,11 +226,12 @@ class TrainStep:
         # The warm-up draws flips, timesteps and noise: put the generator back afterwards, so a resumed run
         # draws what the uninterrupted one drew.
         self._rng = torch.cuda.get_rng_state(self.device)
+        body = self._gradients if self.grad_sync is not None else self._eager
 
         def warmup() -> None:
             for _ in range(GRAPH_WARMUP_STEPS):  # gradients only: the weights do not change
                 self.zero_grad(force=True)
-                self._eager([self.static_batch], self.static_rows)
+                body([self.static_batch], self.static_rows)
             self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
             # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
             # peak stays that of one eager step rather than two (what doctor's sizing assumes).
@@ -178,7 +240,7 @@ class TrainStep:
             torch.cuda.set_rng_state(self._rng, self.device)
 
         self.graph, self.static_out = capture_cuda_graph(
-            self.device, warmup, lambda: self._eager([self.static_batch], self.static_rows))
+            self.device, warmup, lambda: body([self.static_batch], self.static_rows))
         self.graph_grads = [p.grad for p in self.params]
 
     def _fits(self, batch: torch.Tensor) -> bool:
@@ -227,6 +289,8 @@ class TrainStep:
             self._rebind()
             return out
         self.graph.replay()
+        if self.grad_sync is not None:  # the graph left this rank's gradients: average them, then clip
+            return self._finish(self.static_out)
         return self.static_out
 
     def apply(self, scheduler: torch.optim.lr_scheduler.LRScheduler, ema: Any | None,

@@ -55,6 +55,38 @@ def test_captured_step_trains_and_takes_a_short_batch_without_leaving_the_graph(
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True) if a.numel() > 1)
 
 
+def test_captured_step_with_grad_sync_matches_the_plain_graph(tmp_path):
+    """torchrun's graph path (GradSync: all-reduce after the replay, then clip) at world size 1, over NCCL."""
+    import torch.distributed as dist
+
+    from ddpmctl.step import GradSync
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        a, b = UNet(TINY).cuda(), UNet(TINY).cuda()
+        b.load_state_dict(a.state_dict())
+        step_a, lr_a = _graph_step(a, 8)
+        step_b, lr_b = _graph_step(b, 8)
+        step_b.grad_sync = GradSync(step_b.params)
+        batches = [torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8) for n in (8, 8, 5)]
+        for batch in batches:
+            outs = []
+            for step, lr in ((step_a, lr_a), (step_b, lr_b)):
+                torch.manual_seed(1)
+                torch.cuda.manual_seed(1)
+                loss, grad_norm, check = step.forward_backward([batch])
+                assert step.graph is not None and step.graph_note is None
+                step.apply(lr, None, (~torch.isfinite(check)).float())
+                outs.append((loss, grad_norm))
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-5)
+        assert all(p.grad is v for p, v in zip(step_b.params, step_b.grad_sync.views, strict=True))
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 def _options(data: Path, tmp: Path, name: str, **extra: object) -> dict:
     opts = {
         "experiment_name": name, "path_to_data": str(data), "working_directory": str(tmp / "w"),

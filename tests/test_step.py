@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -213,3 +214,58 @@ def test_resuming_keeps_this_runs_optimizer_implementation():
     load_optimizer_state(plain, fused.state_dict())
     assert not any(g["fused"] for g in plain.param_groups)
     plain.step()
+
+
+# ----------------------------------------------------------------------------- GradSync (torchrun + CUDA graph)
+
+
+def _grad_sync_rank(rank: int, world: int, store: str) -> None:
+    """One gloo rank: three steps through DDP and through GradSync from the same start must agree."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddpmctl.step import GradSync
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        a, b = UNet(TINY), UNet(TINY)
+        b.load_state_dict(a.state_dict())
+        if rank == 1:  # a rank that starts elsewhere is brought to rank 0's weights by both
+            with torch.no_grad():
+                for p in [*a.parameters(), *b.parameters()]:
+                    p.add_(1.0)
+        ddp = DistributedDataParallel(a)
+        sync = GradSync(list(b.parameters()))
+        sync.broadcast_from_rank0(b)
+        step_a, opt_a = _step(a, random_flip=False)
+        step_a.train_model, step_a.ddp = ddp, ddp
+        step_b, opt_b = _step(b, random_flip=False, grad_sync=sync)
+        lr_a, lr_b = (torch.optim.lr_scheduler.LambdaLR(o, lambda _s: 1.0) for o in (opt_a, opt_b))
+        data = torch.Generator().manual_seed(rank)
+        for i in range(3):
+            batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=data)  # each rank its own
+            out = {}
+            for name, step, lr in (("a", step_a, lr_a), ("b", step_b, lr_b)):
+                torch.manual_seed(100 * i + rank)
+                out[name] = step.forward_backward([batch])
+                step.apply(lr, None)  # drops the gradients (set to None): GradSync must re-attach its views
+            torch.testing.assert_close(out["b"][1], out["a"][1], rtol=1e-5, atol=1e-6)  # averaged, then clipped
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        total = torch.stack([p.detach().double().sum() for p in b.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(gathered, total)
+        assert gathered[0].item() == gathered[1].item()  # the ranks hold identical weights
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_sync_trains_as_distributed_data_parallel(tmp_path):
+    """The torchrun path of the CUDA graph (all-reduce after the replay) against DDP, on two gloo processes."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    mp.spawn(_grad_sync_rank, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
