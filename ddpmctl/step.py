@@ -55,8 +55,13 @@ class GradSync:
         self.params, self.group = params, group
         self.world = dist.get_world_size(group)
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        self.views = list(torch.split(self.flat, [p.numel() for p in params]))
-        self.views = [v.view_as(p) for v, p in zip(self.views, params, strict=True)]
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:  # each view laid out as its parameter (channels_last too): fused AdamW pairs them flat
+            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+            view = self.flat[offset:offset + p.numel()]
+            self.views.append(view.as_strided(p.shape, p.stride()) if dense else view.view(p.shape))
+            offset += p.numel()
         self.attach()
 
     def broadcast_from_rank0(self, module: nn.Module) -> None:

@@ -224,23 +224,28 @@ def _grad_sync_rank(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ddpmctl.step import GradSync
+    from ddpmctl.step import GradSync, make_optimizer
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         a, b = UNet(TINY), UNet(TINY)
         b.load_state_dict(a.state_dict())
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
         if rank == 1:  # a rank that starts elsewhere is brought to rank 0's weights by both
             with torch.no_grad():
                 for p in [*a.parameters(), *b.parameters()]:
                     p.add_(1.0)
         ddp = DistributedDataParallel(a)
         sync = GradSync(list(b.parameters()))
+        assert all(v.stride() == p.stride() for v, p in zip(sync.views, b.parameters(), strict=True))
+        assert any(p.dim() == 4 and not p.is_contiguous() for p in b.parameters())  # channels_last weights
         sync.broadcast_from_rank0(b)
-        step_a, opt_a = _step(a, random_flip=False)
+        step_a, opt_a = _step(a, random_flip=False, channels_last=True)
         step_a.train_model, step_a.ddp = ddp, ddp
-        step_b, opt_b = _step(b, random_flip=False, grad_sync=sync)
+        step_b, opt_b = _step(b, random_flip=False, grad_sync=sync, channels_last=True)
+        step_a.optimizer = opt_a = make_optimizer(a.parameters(), 1e-3, 0.0, torch.device("cpu"))  # fused, as trained
+        step_b.optimizer = opt_b = make_optimizer(b.parameters(), 1e-3, 0.0, torch.device("cpu"))
         lr_a, lr_b = (torch.optim.lr_scheduler.LambdaLR(o, lambda _s: 1.0) for o in (opt_a, opt_b))
         data = torch.Generator().manual_seed(rank)
         for i in range(3):
