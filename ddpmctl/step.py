@@ -40,6 +40,15 @@ def graph_blocker(device: torch.device, precision: Precision, accumulation: int,
     return None
 
 
+def bind_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    """Make ``grads[i]`` the .grad of ``params[i]``, keeping the values of any other .grad found there."""
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is not g:
+            if p.grad is not None:
+                g.copy_(p.grad)
+            p.grad = g
+
+
 class GradSync:
     """Data-parallel gradients without DistributedDataParallel, for a step replayed as a CUDA graph.
 
@@ -72,11 +81,7 @@ class GradSync:
 
     def attach(self) -> None:
         """Point every .grad at its view of the flat buffer (anything that dropped or replaced one)."""
-        for p, v in zip(self.params, self.views, strict=True):
-            if p.grad is not v:
-                if p.grad is not None:
-                    v.copy_(p.grad)
-                p.grad = v
+        bind_grads(self.params, self.views)
 
     def zero(self) -> None:
         """Attach and clear: the next backward accumulates into the flat buffer."""
@@ -258,11 +263,7 @@ class TrainStep:
 
     def _rebind(self) -> None:
         """Point every .grad back at the tensor the graph writes (should anything have replaced it)."""
-        for p, g in zip(self.params, self.graph_grads, strict=True):
-            if p.grad is not g:
-                if p.grad is not None:
-                    g.copy_(p.grad)
-                p.grad = g
+        bind_grads(self.params, self.graph_grads)
 
     def forward_backward(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, grad_norm, check) for one optimisation step; the gradients are left unscaled and clipped.
