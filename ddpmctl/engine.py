@@ -394,11 +394,12 @@ class _Trainer:
         self.ddp: DistributedDataParallel | None = None
         self.grad_sync: GradSync | None = None
         cuda_graph = t.cuda_graph and self.deferred_guard
-        if self.dist.enabled and cuda_graph and graph_blocker(
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dist.enabled and cuda_graph and GradSync.supports(trainable) and graph_blocker(
                 self.device, self.precision, t.gradient_accumulation_steps, distributed=False) is None:
             # A replayed graph beats DDP's overlap of communication and backward (H200, world size 1: 2,828
             # img/s with the graph in one process, 1,674 under DDP): all-reduce after each replay instead.
-            self.grad_sync = GradSync([p for p in self.model.parameters() if p.requires_grad])
+            self.grad_sync = GradSync(trainable)
             self.grad_sync.broadcast_from_rank0(self.model)
         elif self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -569,10 +570,18 @@ class _Trainer:
         images_done = 0
         last_saved: Path | None = self.resumed_from  # what a run resumed at its last step ends with
         saved_step = -1
+        graph_checked = False
         try:
             while self.step < t.num_training_steps:
                 batches = [next(self.stream) for _ in range(accum)]
                 step_loss, grad_norm, check = self.train_step.forward_backward(batches)
+                if self.grad_sync is not None and not graph_checked:  # only rank 0 speaks: count the others
+                    graph_checked = True
+                    failed = torch.tensor([float(self.train_step.graph is None)], device=self.device)
+                    dist.all_reduce(failed)
+                    if failed.item() and not self.train_step.graph_note:
+                        self.train_step.graph_note = (f"CUDA graph capture failed on {int(failed.item())} of "
+                                                      f"{self.dist.world_size} ranks; they train without it")
                 if self.train_step.graph_note:
                     self.emit(Note(self.train_step.graph_note))
                     self.train_step.graph_note = None

@@ -56,22 +56,28 @@ class GradSync:
     captured backward accumulates into fixed addresses and one all-reduce, issued after the replay and
     outside the graph, averages them across ranks. Unlike DDP it does not overlap communication with
     the backward pass; at the sizes where a graph pays (small models, launch-bound), the replay gains far more.
+    A parameter that gets no gradient gets zeros rather than None (AdamW then still decays it); every
+    parameter of ddpmctl's UNet takes part in each step.
     """
 
     def __init__(self, params: list[nn.Parameter], group: Any = None):
-        if len({p.dtype for p in params}) != 1 or len({p.device for p in params}) != 1:
-            raise ValueError("GradSync needs parameters of one dtype on one device")
+        if not self.supports(params):
+            raise ValueError("GradSync needs dense parameters of one dtype on one device")
         self.params, self.group = params, group
         self.world = dist.get_world_size(group)
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         self.views: list[torch.Tensor] = []
         offset = 0
         for p in params:  # each view laid out as its parameter (channels_last too): fused AdamW pairs them flat
-            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
-            view = self.flat[offset:offset + p.numel()]
-            self.views.append(view.as_strided(p.shape, p.stride()) if dense else view.view(p.shape))
+            self.views.append(self.flat[offset:offset + p.numel()].as_strided(p.shape, p.stride()))
             offset += p.numel()
         self.attach()
+
+    @staticmethod
+    def supports(params: list[nn.Parameter]) -> bool:
+        """Whether the parameters fit one flat buffer: one dtype, one device, each densely laid out."""
+        return (bool(params) and len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1
+                and all(torch.empty_like(p).stride() == p.stride() for p in params))
 
     def broadcast_from_rank0(self, module: nn.Module) -> None:
         """Start every rank from rank 0's weights and buffers, as DDP's constructor does."""

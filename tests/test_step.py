@@ -262,6 +262,8 @@ def _grad_sync_rank(rank: int, world: int, store: str) -> None:
         gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
         dist.all_gather(gathered, total)
         assert gathered[0].item() == gathered[1].item()  # the ranks hold identical weights
+        del ddp, step_a  # DDP's reducer goes before its process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
