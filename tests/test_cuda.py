@@ -31,14 +31,16 @@ TINY = ModelConfig(img_size=16, starting_channels=16, channel_multipliers=(1, 2)
 BF16 = Precision("bf16", torch.bfloat16, "cuda")
 
 
-def _graph_step(model: UNet, graph_batch: int) -> tuple[TrainStep, torch.optim.lr_scheduler.LambdaLR]:
+def _graph_step(model: UNet, graph_batch: int, train_model: torch.nn.Module | None = None, **kw: object
+                ) -> tuple[TrainStep, torch.optim.lr_scheduler.LambdaLR]:
     """A bf16 TrainStep with the CUDA graph on (fused AdamW, constant LR), as the engine builds it."""
     torch.manual_seed(0)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = TrainStep(model, model, Schedule(DiffusionConfig(), device), BF16, torch.amp.GradScaler("cuda", enabled=False),
-                     opt, device, cuda_graph=True, graph_batch=graph_batch)
+    kw = {"cuda_graph": True, **kw}
+    step = TrainStep(model, train_model or model, Schedule(DiffusionConfig(), device), BF16,
+                     torch.amp.GradScaler("cuda", enabled=False), opt, device, graph_batch=graph_batch, **kw)
     return step, lr
 
 
@@ -85,6 +87,55 @@ def test_captured_step_with_grad_sync_matches_the_plain_graph(tmp_path):
             torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def _two_ranks_on_one_gpu(rank: int, world: int, store: str) -> None:
+    """One of two gloo ranks sharing the GPU: the graphed GradSync step against DDP's eager one."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddpmctl.step import GradSync
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(TINY, dropout=0.0)  # no dropout: graph and eager draw the same numbers
+        a, b = UNet(cfg).cuda(), UNet(cfg).cuda()
+        b.load_state_dict(a.state_dict())
+        ddp = DistributedDataParallel(a)
+        step_a, lr_a = _graph_step(a, 8, train_model=ddp, ddp=ddp, cuda_graph=False, random_flip=False)
+        step_b, lr_b = _graph_step(b, 8, grad_sync=GradSync([p for p in b.parameters()]), random_flip=False)
+        data = torch.Generator().manual_seed(rank)
+        for i in range(3):
+            batch = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=data)  # each rank its own
+            outs = []
+            for step, lr in ((step_a, lr_a), (step_b, lr_b)):
+                torch.manual_seed(100 * i + rank)
+                loss, grad_norm, check = step.forward_backward([batch])
+                step.apply(lr, None, (~torch.isfinite(check)).float())
+                outs.append((loss, grad_norm))
+            assert step_b.graph is not None and step_b.graph_note is None
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-2, atol=1e-4)  # bf16, graph vs eager kernels
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=5e-3)  # 3 AdamW steps of lr 1e-3
+        total = torch.stack([p.detach().double().sum() for p in b.parameters()]).sum().reshape(1).cpu()
+        gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(gathered, total)
+        assert gathered[0].item() == gathered[1].item()  # the all-reduce ran: the ranks hold the same weights
+        del ddp, step_a
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_the_graphed_step_with_grad_sync_as_ddp(tmp_path):
+    """torchrun's CUDA-graph path at world size 2 (gloo with CUDA tensors: NCCL needs one GPU per rank)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks_on_one_gpu, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
 
 def _options(data: Path, tmp: Path, name: str, **extra: object) -> dict:
