@@ -163,6 +163,7 @@ def test_fake_mps_end_to_end(tmp_path: Path):
     report = doctor.run_doctor(cfg, img_sizes=(16,), channels=(8, 16), backend_ref="test_doctor:FakeMps", env=env)
     probe = report.probe
     assert probe.backend == "mps" and probe.budget_bytes == FakeMps.RECOMMENDED
+    assert not any("CUDA graph" in n for n in probe.notes)  # that caveat is for CUDA's eager probe only
     assert probe.details["probe_high_watermark_ratio"] == "1.0"  # set in the child only
     fit_points = [p for p in probe.points if p.phase == "fit"]
     assert [p.batch for p in fit_points] == [1, 2, 4, 8, 16]  # stops once the peak passes half the budget
