@@ -2,7 +2,7 @@
 # One GPU session, one call (about 9 minutes on an H100/H200): the figures the speed issues ask for.
 #   bash benchmarks/gpu_session.sh            # uses .venv/bin/python if present, else python3
 #   BUDGET=500 bash benchmarks/gpu_session.sh # seconds for everything (default 540)
-#   PARTS="doctor" bash benchmarks/gpu_session.sh  # only some of: tests compare profile doctor ddp sampling
+#   PARTS="doctor" bash benchmarks/gpu_session.sh  # only some of: tests compare profile ddp doctor sampling
 # Every benchmark is guarded by `timeout` (never past the overall budget) and `|| true`, so one failure or
 # a slow compile does not lose the others. Output: the tables on stdout; each log under $OUT (or
 # ./runs/gpu_session). On the lent GPU machine (PyTorch preinstalled, no network) ddpmctl runs from the
@@ -35,7 +35,7 @@ run() {  # run NAME SECONDS CMD...: header, log teed to $LOGS/NAME.log; never pa
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOGS/gpu.txt" || true
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" || true
 
-want() { [[ " ${PARTS:-tests compare profile doctor ddp sampling} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-tests compare profile ddp doctor sampling} " == *" $1 "* ]]; }
 
 # The CUDA-only tests first (captured training step, short batches, resume, sampling graphs, compiled sampling).
 want tests && run test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
@@ -46,10 +46,12 @@ want compare && run compare 300 "$PY" benchmarks/compare.py --compile yes --ours
     --sample-variants cl,nograph,freeze
 # Where the device time goes (eager, by kernel family): the training step and one sampling evaluation.
 want profile && run profile_kernels 60 "$PY" benchmarks/profile_kernels.py
-# doctor's predicted largest batch (no headroom) against the bisected real one, 128 px / 96 channels.
+# The engine end to end (data loader, progress reports): one process, the torchrun path at world size 1
+# (CUDA graph + GradSync all-reduce over NCCL), and the same with --no-cuda-graph (DistributedDataParallel).
+want ddp && run ddp_overhead 110 "$PY" benchmarks/ddp_overhead.py --rounds 2 --windows 2
+# doctor's predicted largest batch (no headroom) against the bisected real one, 128 px / 96 channels
+# (over 90 s on an H200: give it a call of its own, PARTS=doctor, if the others used the budget).
 want doctor && run doctor_bf16 240 "$PY" -m ddpmctl doctor --img-size 128 --starting-channels 96 --full --json --precision bf16 --headroom 0
-# The engine end to end (data loader, progress reports), one process with and without the DDP wrapper (NCCL).
-want ddp && run ddp_overhead 75 "$PY" benchmarks/ddp_overhead.py --rounds 2 --windows 2
 # The CLI's sampling path on CUDA (DDPM-1000 and DDIM-50 rows).
 want sampling && run sampling_speed 45 "$PY" benchmarks/sampling_speed.py --device cuda --batch 256 --cifar-batch 256
 echo "=== done $(( $(date +%s) - START ))s; logs in $LOGS"
