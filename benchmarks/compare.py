@@ -53,6 +53,7 @@ from ddpmctl.diffusion import Schedule  # noqa: E402
 from ddpmctl.engine import EMA, wants_deferred_guard  # noqa: E402
 from ddpmctl.model import UNet, count_parameters, set_low_precision_norms  # noqa: E402
 from ddpmctl.runtime import (  # noqa: E402
+    FrozenCompiled,
     Precision,
     configure_backends,
     low_precision_norms,
@@ -389,8 +390,8 @@ def ours_sampling_model(cfg: ModelConfig, device: torch.device, spec: str) -> tu
     model = prepare_for_sampling(model, device, compile="compile" in tokens)
     if "lpnorm" in tokens or "fp32norm" in tokens:
         set_low_precision_norms(model, "lpnorm" in tokens)
-    if "freeze" in tokens:
-        model = torch.compile(model, options={"freezing": True, "triton.cudagraphs": device.type == "cuda"})
+    if "freeze" in tokens:  # on CUDA with the compiler's CUDA graphs, as `sample --compile`
+        model = FrozenCompiled(model, **({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
     elif "autotune" in tokens:
         model = torch.compile(model, mode="max-autotune")
     return model, "nograph" not in tokens
@@ -404,21 +405,25 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     runs: dict[str, Callable[[int], torch.Tensor]] = {}
     loop_graphs: dict[str, SamplingGraphs] = {}
     for name in contestants(tag, args.sample_variants):
-        if name == "diffusers":
-            theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
-            if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
-                theirs = torch.compile(theirs, **({"mode": "reduce-overhead"} if device.type == "cuda" else
-                                                  {"options": {"freezing": True}} if device.type == "cpu" else {}))
-            runs[name] = diffusers_sampler(theirs, device, precision, noise)
-            continue
-        spec = name[len("ddpmctl["):-1] if "[" in name else ("compile" if compile_model else "")
-        model, use_graph = ours_sampling_model(ours_cfg, device, spec)
-        graphs = SamplingGraphs() if device.type == "cuda" and use_graph else None
-        if graphs is not None:
-            loop_graphs[name] = graphs
-        runs[name] = ddpmctl_sampler(model, device, precision, noise, graphs)
-    for fn in runs.values():  # warm-up, compilation and capture: at the timed step count (a graph is per count)
-        fn(2 if device.type == "cpu" else args.sample_steps)
+        try:
+            if name == "diffusers":
+                theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
+                if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
+                    theirs = (torch.compile(theirs, mode="reduce-overhead") if device.type == "cuda" else
+                              FrozenCompiled(theirs) if device.type == "cpu" else torch.compile(theirs))
+                fn = diffusers_sampler(theirs, device, precision, noise)
+            else:
+                spec = name[len("ddpmctl["):-1] if "[" in name else ("compile" if compile_model else "")
+                model, use_graph = ours_sampling_model(ours_cfg, device, spec)
+                graphs = SamplingGraphs() if device.type == "cuda" and use_graph else None
+                if graphs is not None:
+                    loop_graphs[name] = graphs
+                fn = ddpmctl_sampler(model, device, precision, noise, graphs)
+            fn(2 if device.type == "cpu" else args.sample_steps)  # warm-up, compilation, capture (per step count)
+            runs[name] = fn
+        except Exception as exc:  # noqa: BLE001 - one failed contestant (e.g. a compiler error) must not lose the rest
+            traceback.print_exc()
+            out[f"error_{name}_sample_{tag}"] = f"{type(exc).__name__}: {exc}"[:300]
     for name, graphs in loop_graphs.items():
         if graphs.failed:
             out[f"{name}_sample_note_{tag}"] = graphs.failed
@@ -467,6 +472,8 @@ def print_table(res: dict, variants: list[str]) -> None:
                  fmt(ours_g / theirs_g, ".2f")))
     for v in variants:
         a, b = res.get(f"ddpmctl_train_img_s_{v}"), res.get(f"diffusers_train_img_s_{v}")
+        if a is None and b is None:  # --no-training
+            continue
         rows.append((f"train img/s ({v}, batch {res['batch']})", fmt(a), fmt(b), fmt(a / b if a and b else None, ".2f")))
         if a and b:
             ta, tb = a * ours_g / 1e3, b * theirs_g / 1e3
@@ -511,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=["auto", "yes", "no", "only"], default="auto",
                    help="torch.compile variants: auto = eager + compile on GPU, eager only on the CPU")
     p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--no-training", action="store_true")
     p.add_argument("--no-loader", action="store_true")
     p.add_argument("--rounds", type=int, help="alternating timed rounds for training")
     p.add_argument("--loader-workers", type=int)
@@ -575,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for v in variants:
         for name, fn in (("training", bench_training), ("sampling", bench_sampling)):
-            if name == "sampling" and args.no_sampling:
+            if (name == "sampling" and args.no_sampling) or (name == "training" and args.no_training):
                 continue
             try:
                 fn(args, ours_cfg, theirs_cfg, device, precision, channels_last, v == "compile", res)

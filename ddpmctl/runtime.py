@@ -273,13 +273,32 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: 
     Compiled on CUDA, it uses the compiler's own CUDA graphs (mode="reduce-overhead"): replaying
     ddpmctl's whole-loop graph around a compiled network crashed on an H200 (torch 2.11), so
     sampling.SamplingGraphs skips compiled models. Uncompiled, SamplingGraphs captures the loop itself.
-    Compiled on the CPU, the weights are frozen into the compiled graph (inductor's ``freezing``: folded
-    constants, oneDNN convolutions with pre-packed weights), so the caller must not change them afterwards
-    (inference.load_model never does). Measured on a 2-core CPU: DDIM-50 +15-40% over uncompiled.
+    Compiled on the CPU, the weights are frozen into the compiled graph (see FrozenCompiled), so the
+    caller must not change them afterwards (inference.load_model never does).
     """
     set_low_precision_norms(model, low_precision_norms(device))
     if not compile:
         return model
     if device.type == "cuda":
         return torch.compile(model, mode="reduce-overhead")
-    return torch.compile(model, options={"freezing": True} if device.type == "cpu" else None)
+    return FrozenCompiled(model) if device.type == "cpu" else torch.compile(model)
+
+
+class FrozenCompiled(torch.nn.Module):
+    """torch.compile for inference with the weights frozen in: constants folded, oneDNN convolutions with
+    pre-packed weights on the CPU (a forward of compare.py's --quick model at batch 16: 21 ms against 29
+    eager on 2 cores). Inductor reads its ``freezing`` switch while Dynamo traces, i.e. during the call,
+    so each call turns it on (``torch.compile(options=...)`` is applied too late to freeze anything).
+    Freezing applies to calls without autograd (sampling); a call that records gradients compiles apart.
+    """
+
+    def __init__(self, model: torch.nn.Module, **compile_kwargs: Any):
+        super().__init__()
+        self._orig_mod = model  # as torch.compile's wrapper: is_compiled() and the original stay reachable
+        self.compiled = torch.compile(model, **compile_kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
