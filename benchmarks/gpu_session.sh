@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session, one call (about 9 minutes on an H100/H200): the figures the speed issues ask for.
+# The GPU checks and figures the speed issue asks for, in the order they matter; about 9 minutes per call.
 #   bash benchmarks/gpu_session.sh            # uses .venv/bin/python if present, else python3
 #   BUDGET=500 bash benchmarks/gpu_session.sh # seconds for everything (default 540)
-#   PARTS="doctor" bash benchmarks/gpu_session.sh  # only some of: tests compare profile ddp doctor sampling
+#   PARTS="ddp profile doctor" bash benchmarks/gpu_session.sh  # a second call: what the first had no time for
+# Parts: tests sample train ddp profile doctor sampling. The limits add up to more than one call's budget:
+# parts past it print "skipped (budget spent)"; run them in a second call with PARTS.
 # Every benchmark is guarded by `timeout` (never past the overall budget) and `|| true`, so one failure or
 # a slow compile does not lose the others. Output: the tables on stdout; each log under $OUT (or
 # ./runs/gpu_session). On the lent GPU machine (PyTorch preinstalled, no network) ddpmctl runs from the
@@ -35,15 +37,18 @@ run() {  # run NAME SECONDS CMD...: header, log teed to $LOGS/NAME.log; never pa
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOGS/gpu.txt" || true
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" || true
 
-want() { [[ " ${PARTS:-tests compare profile ddp doctor sampling} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-tests sample train ddp profile doctor sampling} " == *" $1 "* ]]; }
 
 # The CUDA-only tests first (captured training step, short batches, resume, sampling graphs, compiled sampling).
 want tests && run test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# ddpmctl vs diffusers, DDPM CIFAR-10 UNet, 32 px: training at batch 128 bf16, DDIM-50 at batch 256, eager and
-# compiled; beside ddpmctl as shipped (CUDA graph, NCHW, bf16 GroupNorm) the variants without each, and for
-# sampling the channels_last layout, no loop graph, and inductor with frozen weights.
-want compare && run compare 300 "$PY" benchmarks/compare.py --compile yes --ours-variants nograph,cl,compile+cl \
+# ddpmctl vs diffusers, DDPM CIFAR-10 UNet, 32 px, bf16, eager and compiled. DDIM-50 at batch 256 first (the
+# goal still open): as shipped (whole-loop CUDA graph, NCHW; compiled: reduce-overhead) beside channels_last,
+# no loop graph, and compiled with frozen weights. Then training at batch 128: as shipped (CUDA graph, NCHW,
+# bf16 GroupNorm) beside no graph, channels_last, compiled channels_last.
+want sample && run compare_sample 200 "$PY" benchmarks/compare.py --compile yes --no-training --no-loader \
     --sample-variants cl,nograph,freeze
+want train && run compare_train 280 "$PY" benchmarks/compare.py --compile yes --no-sampling \
+    --ours-variants nograph,cl,compile+cl
 # Where the device time goes (eager, by kernel family): the training step and one sampling evaluation.
 want profile && run profile_kernels 60 "$PY" benchmarks/profile_kernels.py
 # The engine end to end (data loader, progress reports): one process, the torchrun path at world size 1
