@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from . import __version__, checkpoints, plots
+from . import __version__, checkpoints, plots, runlock
 from .config import Config, dump_yaml, to_dict
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
@@ -303,7 +303,7 @@ class _Trainer:
         self.cfg, self.dist, self.stop = cfg, dist_info, stop
         self.emit = emit if dist_info.is_main else (lambda _e: None)  # other ranks stay quiet
         self.run_dir = cfg.run_dir
-        self.lock = checkpoints.RunLock(self.run_dir)  # held by rank 0 for the whole run
+        self.lock = runlock.RunLock(self.run_dir)  # held by rank 0 for the whole run
         self.wandb = _wandb_module(cfg)
 
     # -- setup --------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class _Trainer:
             raise failure
         if "error" in choice:
             kinds = {"ConfigError": ConfigError, "CheckpointError": CheckpointError, "DataError": DataError,
-                     "RunInUseError": checkpoints.RunInUseError}
+                     "RunInUseError": runlock.RunInUseError}
             kind = kinds.get(choice["error"], DdpmctlError) if choice["user"] else RuntimeError
             raise kind(choice["message"])
         return (Path(choice["path"]) if choice["path"] else None), list(choice["notes"])

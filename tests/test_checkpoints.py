@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
+from ddpmctl import prune
 from ddpmctl.cli.main import app
 from ddpmctl.config import ModelConfig
 from ddpmctl.errors import CheckpointError
@@ -222,7 +223,7 @@ def test_prune_plan_keep_rules(tmp_path: Path) -> None:
     for step in (100, 200, 300, 400, 500, 600):
         fake_checkpoint(tmp_path, step, ema=False)
     (tmp_path / "checkpoint_250").mkdir()  # damaged, older than the newest: removed
-    plan = ck.plan_prune(tmp_path, keep=2, keep_every=200)
+    plan = prune.plan_prune(tmp_path, keep=2, keep_every=200)
     kept = {info.name: why for info, why in plan.keep}
     gone = {info.name: why for info, why in plan.remove}
     assert kept == {"checkpoint_200": "milestone (every 200)", "checkpoint_400": "milestone (every 200)",
@@ -230,22 +231,22 @@ def test_prune_plan_keep_rules(tmp_path: Path) -> None:
     assert set(gone) == {"checkpoint_100", "checkpoint_250", "checkpoint_300"}
     assert gone["checkpoint_250"].startswith("incomplete")
     assert plan.freed_bytes > 0
-    assert ck.plan_prune(tmp_path, keep=10).remove == [(info, why) for info, why in plan.remove
+    assert prune.plan_prune(tmp_path, keep=10).remove == [(info, why) for info, why in plan.remove
                                                        if info.name == "checkpoint_250"]
     with pytest.raises(CheckpointError, match="at least 1"):
-        ck.plan_prune(tmp_path, keep=0)
+        prune.plan_prune(tmp_path, keep=0)
 
 
 def test_prune_never_deletes_the_newest(tmp_path: Path) -> None:
     for step in (1, 2):
         fake_checkpoint(tmp_path, step, ema=False)
     (tmp_path / "checkpoint_3").mkdir()  # the newest folder is damaged: left alone, and checkpoint_2 kept
-    plan = ck.plan_prune(tmp_path, keep=1)
+    plan = prune.plan_prune(tmp_path, keep=1)
     assert [i.name for i, _ in plan.keep] == ["checkpoint_2", "checkpoint_3"]
     assert [i.name for i, _ in plan.remove] == ["checkpoint_1"]
     # Even a stale plan that names the newest complete checkpoint spares it.
     plan.remove.append((ck.inspect_checkpoint(tmp_path / "checkpoint_2"), "forced"))
-    assert [p.name for p in ck.execute_prune(plan)] == ["checkpoint_1"]
+    assert [p.name for p in prune.execute_prune(plan)] == ["checkpoint_1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3"]
 
 

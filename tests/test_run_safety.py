@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
 from ddpmctl import config as config_mod
-from ddpmctl import engine, runtime
+from ddpmctl import engine, prune, runlock, runtime
 from ddpmctl.cli.main import app
 from ddpmctl.errors import CheckpointError, ConfigError
 from ddpmctl.runtime import DistInfo
@@ -76,8 +76,8 @@ def test_lock_is_held_by_training_and_released_however_it_ends(tmp_path, tiny_im
     seen = []
 
     def spy(path, *_a, **_k):  # the first thing a run writes after its setup: the lock is held by then
-        with pytest.raises(ck.RunInUseError):
-            ck.ensure_not_in_use(run)
+        with pytest.raises(runlock.RunInUseError):
+            runlock.ensure_not_in_use(run)
         seen.append(path)
         raise PermissionError(13, "Permission denied", str(path))
 
@@ -85,15 +85,15 @@ def test_lock_is_held_by_training_and_released_however_it_ends(tmp_path, tiny_im
     result = runner.invoke(app, ["train", *args])
     assert_one_line_error(result, f"cannot write {run / 'config.yaml'}: Permission denied")
     assert seen == [run / "config.yaml"]
-    ck.ensure_not_in_use(run)  # released after the error
+    runlock.ensure_not_in_use(run)  # released after the error
 
     other, _ = fake_run
-    with ck.RunLock(other):  # held in this process by someone else: refused too (flock is per open file)
-        with pytest.raises(ck.RunInUseError, match="in use by another ddpmctl process"):
-            ck.ensure_not_in_use(other)
-    monkeypatch.setattr(ck, "fcntl", None)  # Windows: no locking, but everything still works
-    with ck.RunLock(other):
-        ck.ensure_not_in_use(other)
+    with runlock.RunLock(other):  # held in this process by someone else: refused too (flock is per open file)
+        with pytest.raises(runlock.RunInUseError, match="in use by another ddpmctl process"):
+            runlock.ensure_not_in_use(other)
+    monkeypatch.setattr(runlock, "fcntl", None)  # Windows: no locking, but everything still works
+    with runlock.RunLock(other):
+        runlock.ensure_not_in_use(other)
 
 
 def test_unwritable_working_directory_and_prune_errors_are_one_line(tmp_path, tiny_images, fake_run, monkeypatch):
@@ -109,7 +109,7 @@ def test_unwritable_working_directory_and_prune_errors_are_one_line(tmp_path, ti
     def denied(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(ck, "_discard", denied)
+    monkeypatch.setattr(prune, "_discard", denied)
     result = runner.invoke(app, ["checkpoints", "prune", str(run), "--keep", "1", "--yes"])
     assert_one_line_error(result, f"could not delete {run / 'checkpoint_1'}: Permission denied")
 

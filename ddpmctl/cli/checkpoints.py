@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import checkpoints as ck
+from .. import prune, runlock
 from .common import console, err_console, handle_errors
 
 app = typer.Typer(
@@ -51,7 +52,7 @@ def _list_table(found: list[ck.CheckpointInfo]) -> Table:
     return table
 
 
-def _plan_table(plan: ck.PrunePlan) -> Table:
+def _plan_table(plan: prune.PrunePlan) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for name, justify in (("checkpoint", "left"), ("step", "right"), ("size", "right"), ("action", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -68,7 +69,7 @@ def _plan_table(plan: ck.PrunePlan) -> Table:
 @handle_errors
 def list_cmd(run_dir: RunDirArg) -> None:
     """Show a run's checkpoints: step, time, size, EMA or not, loss at save; damaged ones say why."""
-    ck.check_run_dir(run_dir)
+    prune.check_run_dir(run_dir)
     found = ck.list_checkpoints(run_dir)
     if not found:
         console.print(f"{run_dir} holds no checkpoint", highlight=False)
@@ -97,7 +98,7 @@ def prune_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="delete without asking")] = False,
 ) -> None:
     """Delete old checkpoints: shows the plan first, then asks (or --yes); never deletes the newest."""
-    plan = ck.plan_prune(run_dir, keep, keep_every)
+    plan = prune.plan_prune(run_dir, keep, keep_every)
     if not plan.keep and not plan.remove:
         console.print(f"{run_dir} holds no checkpoint", highlight=False)
         return
@@ -110,12 +111,12 @@ def prune_cmd(
     if dry_run:
         console.print("dry run: nothing deleted", highlight=False)
         return
-    ck.ensure_not_in_use(run_dir)  # before asking; execute_prune holds the lock while it deletes
+    runlock.ensure_not_in_use(run_dir)  # before asking; execute_prune holds the lock while it deletes
     if not yes:
         if not typer.confirm("Delete them?", default=False, err=True):
             err_console.print("nothing deleted", highlight=False)
             raise typer.Exit(1)
-    removed = ck.execute_prune(plan)
+    removed = prune.execute_prune(plan)
     console.print(f"deleted {len(removed)} checkpoint(s): {', '.join(p.name for p in removed) or 'none'}",
                   highlight=False)
 
@@ -130,7 +131,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
 ) -> None:
     """Write the (EMA) weights as one .safetensors file with the model config in its metadata."""
-    result = ck.export_weights(source, out, overwrite=force)
+    result = prune.export_weights(source, out, overwrite=force)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(
