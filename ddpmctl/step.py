@@ -324,6 +324,7 @@ class TrainStep:
             ema.update(self.model)
 
     def zero_grad(self, force: bool = False) -> None:
-        """Drop the gradients after an update; a captured graph overwrites its own each replay, so they stay."""
-        if self.graph is None or force:
+        """Drop the gradients after an update. A captured graph overwrites its own each replay and GradSync
+        clears its buffer before each backward, so those stay (re-binding them would only cost time)."""
+        if force or (self.graph is None and self.grad_sync is None):
             self.optimizer.zero_grad(set_to_none=True)

@@ -232,7 +232,7 @@ def test_prune_plan_keep_rules(tmp_path: Path) -> None:
     assert gone["checkpoint_250"].startswith("incomplete")
     assert plan.freed_bytes > 0
     assert prune.plan_prune(tmp_path, keep=10).remove == [(info, why) for info, why in plan.remove
-                                                       if info.name == "checkpoint_250"]
+                                                          if info.name == "checkpoint_250"]
     with pytest.raises(CheckpointError, match="at least 1"):
         prune.plan_prune(tmp_path, keep=0)
 
