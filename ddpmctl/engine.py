@@ -8,20 +8,14 @@ clean stop on Ctrl-C / SIGTERM that saves a checkpoint first.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
-import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,6 +27,17 @@ from .config import Config, dump_yaml, to_dict
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
+from .events import (
+    CheckpointSaved,
+    Evaluating,
+    Event,
+    GridSaved,
+    Note,
+    StepStats,
+    TrainFinished,
+    TrainStarted,
+)
+from .interrupts import StopFlag, interrupt_handlers
 from .model import set_low_precision_norms
 from .runtime import (
     DistInfo,
@@ -46,183 +51,8 @@ from .runtime import (
     select_device,
 )
 from .sampling import progression_grid, sample, save_png
+from .state import EMA, rng_state, set_rng_state
 from .step import GradSync, TrainStep, graph_blocker, load_optimizer_state, make_optimizer
-
-# ----------------------------------------------------------------------------- events
-
-
-@dataclass
-class TrainStarted:
-    total_steps: int
-    start_step: int
-    device: str
-    precision: str
-    world_size: int
-    parameters: int
-    effective_batch: int
-    data: str  # how the data is read
-    run_dir: str
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StepStats:
-    step: int
-    total_steps: int
-    loss: float  # mean over the steps since the last report
-    lr: float
-    images_per_sec: float
-    grad_norm: float
-    elapsed: float  # seconds since this process started training
-    eta: float  # seconds to the last step at the current speed
-    skipped_steps: int
-
-
-@dataclass
-class Evaluating:
-    step: int
-
-
-@dataclass
-class GridSaved:
-    step: int
-    path: str
-
-
-@dataclass
-class CheckpointSaved:
-    step: int
-    path: str
-    removed: list[str]
-
-
-@dataclass
-class Note:
-    text: str
-
-
-@dataclass
-class TrainFinished:
-    step: int
-    checkpoint: str | None
-    elapsed: float
-    images_per_sec: float
-    skipped_steps: int
-
-
-Event = TrainStarted | StepStats | Evaluating | GridSaved | CheckpointSaved | Note | TrainFinished
-
-# ----------------------------------------------------------------------------- EMA
-
-
-class EMA:
-    """Exponential moving average of the weights, kept in fp32 (DDPM paper: decay 0.9999)."""
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-
-    def current_decay(self) -> float:
-        """With warm-up, min(decay, (1 + n) / (10 + n)) so the average forgets the random init quickly."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        ema_params = list(self.model.parameters())
-        params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
-        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            eb.copy_(b)
-        self.num_updates += 1
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-
-# ----------------------------------------------------------------------------- interruption
-
-
-class StopFlag:
-    """Set by the first Ctrl-C / SIGTERM; a second Ctrl-C restores the default and stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.reason = ""
-
-    def request(self, reason: str) -> None:
-        self.requested = True
-        self.reason = reason
-
-
-@contextlib.contextmanager
-def interrupt_handlers(flag: StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    first_at: list[float] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        now = time.monotonic()
-        # Under torchrun a terminal Ctrl-C reaches each worker twice (from the terminal and forwarded by the
-        # launcher): a second SIGINT within 2 s of the first is that echo, not the user insisting.
-        if flag.requested and signum == signal.SIGINT and first_at and now - first_at[0] > 2.0:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        if not flag.requested:
-            first_at.append(now)
-        flag.request("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, on_signal)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the run touches, as tensors and plain values (safe for weights_only loading)."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-        state["cuda_current"] = torch.cuda.get_rng_state()  # this process's device (each torchrun rank has one)
-    if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(state["torch"])
-    if "cuda_current" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_current"])  # robust to a different number of visible GPUs
-    elif "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    if "mps" in state and getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -374,12 +374,12 @@ def test_a_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
     """A terminal Ctrl-C reaches each worker from the terminal and again from torchrun's agent."""
     from types import SimpleNamespace
 
-    from ddpmctl import engine
+    from ddpmctl import interrupts
 
     clock = [1000.0]
-    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(interrupts, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     flag = StopFlag()
-    with engine.interrupt_handlers(flag):
+    with interrupts.interrupt_handlers(flag):
         os.kill(os.getpid(), signal.SIGINT)  # the terminal's
         clock[0] += 0.05
         os.kill(os.getpid(), signal.SIGINT)  # torchrun's forward: ignored, training goes on to save

@@ -11,18 +11,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import config as config_mod
-from ..engine import (
-    CheckpointSaved,
-    Evaluating,
-    Event,
-    GridSaved,
-    Note,
-    StepStats,
-    TrainFinished,
-    TrainStarted,
-    train,
-)
+from ..engine import train
 from ..errors import TrainingStopped
+from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from .common import console, err_console, fail, handle_errors
 from .options import with_config_options
 

@@ -1,0 +1,70 @@
+"""What the training loop reports: :func:`ddpmctl.engine.train` hands these to its ``on_event`` callback.
+
+The engine never prints; the CLI renders each event (rich progress, notes, file paths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainStarted:
+    total_steps: int
+    start_step: int
+    device: str
+    precision: str
+    world_size: int
+    parameters: int
+    effective_batch: int
+    data: str  # how the data is read
+    run_dir: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    step: int
+    total_steps: int
+    loss: float  # mean over the steps since the last report
+    lr: float
+    images_per_sec: float
+    grad_norm: float
+    elapsed: float  # seconds since this process started training
+    eta: float  # seconds to the last step at the current speed
+    skipped_steps: int
+
+
+@dataclass
+class Evaluating:
+    step: int
+
+
+@dataclass
+class GridSaved:
+    step: int
+    path: str
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: str
+    removed: list[str]
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@dataclass
+class TrainFinished:
+    step: int
+    checkpoint: str | None
+    elapsed: float
+    images_per_sec: float
+    skipped_steps: int
+
+
+Event = TrainStarted | StepStats | Evaluating | GridSaved | CheckpointSaved | Note | TrainFinished
