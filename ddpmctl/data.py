@@ -19,18 +19,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import DataError
-from .prepare import (
-    IMAGE_EXTENSIONS,
-    PACK_FILE,
-    describe_error,
-    find_images,
-    load_square,
-    pack_digest,
-    prepared_files,
-    read_manifest,
-)
+from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
+from .prepare import PACK_FILE, pack_digest, prepared_files, read_manifest
 
-# Scanning (find_images, IMAGE_EXTENSIONS) and conversion live in prepare.py, shared with `ddpmctl prepare`.
+# Scanning and conversion (images.py) are shared with `ddpmctl prepare`.
 
 
 def pil_to_uint8(im: Image.Image) -> torch.Tensor:

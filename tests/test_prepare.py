@@ -409,7 +409,7 @@ P3 = icc_rgb_profile("Test Display P3", (0.5151, 0.2412, -0.0011), (0.2920, 0.69
 def test_embedded_colour_profiles_are_converted_to_srgb():
     from PIL import ImageCms
 
-    from ddpmctl.prepare import to_srgb
+    from ddpmctl.images import to_srgb
 
     orange = Image.new("RGB", (4, 4), (200, 100, 50))
     orange.info["icc_profile"] = P3

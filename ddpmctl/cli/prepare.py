@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from ..prepare import CROPS, SMALL_POLICIES, parse_color, prepare
+from ..images import CROPS, parse_color
+from ..prepare import SMALL_POLICIES, prepare
 from .common import console, handle_errors
 
 PHASES = {"scan": "scanning", "convert": "converting", "pack": "packing"}
