@@ -42,6 +42,7 @@ class ModelConfig:
     num_heads: int = 4  # attention heads
     bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
     dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
+    time_embedding_silu: bool = True  # SiLU on the time embedding before each block's projection (Ho et al.); off: older runs
 
 
 @dataclass
@@ -306,6 +307,30 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# Model options added after runs could already be saved, with the value that rebuilds the network those
+# runs trained. A saved configuration (a run's config.yaml, a checkpoint's meta.json, an exported file's
+# metadata) that lacks one was written before the option existed.
+SAVED_BEFORE = {"time_embedding_silu": False}
+
+
+def complete_saved(data: dict[str, Any] | None) -> dict[str, Any]:
+    """A saved configuration mapping with the options it predates set as it trained (see SAVED_BEFORE)."""
+    data = dict(data or {})
+    model = data.get("model")
+    if isinstance(model, dict):
+        data["model"] = {**SAVED_BEFORE, **model}
+    return data
+
+
+def load_saved_yaml(path: Path) -> Config:
+    """A run's own config.yaml, read as :func:`load_yaml` does, with :func:`complete_saved` applied."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(complete_saved(data) if isinstance(data, dict) else data, source=str(path))
+
+
 def resolve(config_file: str | Path | None, overrides: dict[str, Any], base: Config | None = None) -> Config:
     """``base`` (built-in defaults when None) < YAML file < overrides (only options actually given)."""
     cfg = load_yaml(config_file, base) if config_file else (base or Config())
@@ -325,7 +350,7 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
             f"no run to resume at {located.run_dir} (it has no config.yaml): check --experiment-name "
             f"and --working-directory ({found})"
         )
-    base = load_yaml(saved)
+    base = load_saved_yaml(saved)
     # Where the run lives comes from the command line, even if the folder was moved since; which checkpoint
     # to resume from is this command's choice, never the one an earlier resume recorded in config.yaml.
     base = apply_overrides(base, {"experiment_name": located.run.experiment_name,

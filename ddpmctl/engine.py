@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__, checkpoints, plots, runlock
-from .config import Config, dump_yaml, to_dict
+from .config import Config, complete_saved, dump_yaml, to_dict
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
@@ -245,7 +245,7 @@ class _Trainer:
 
     def _load(self, path: Path) -> None:
         meta = checkpoints.read_meta(path)
-        diffs = model_config_differs(meta.get("config", {}), self.cfg)
+        diffs = model_config_differs(complete_saved(meta.get("config", {})), self.cfg)
         if diffs:
             raise CheckpointError(
                 f"{path.name} was trained with different model settings: {'; '.join(diffs)}. "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import checkpoints
-from .config import Config, from_dict
+from .config import Config, complete_saved, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
 from .runtime import Precision, build_model, classify_oom, prepare_for_sampling, resolve_precision, select_device
@@ -41,7 +41,7 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
     """
     ckpt, notes = checkpoints.locate(path)
     meta = checkpoints.read_meta(ckpt)
-    cfg = from_dict(meta.get("config", {}), source=f"{ckpt}/meta.json")
+    cfg = from_dict(complete_saved(meta.get("config", {})), source=f"{ckpt}/meta.json")
     dev = select_device(device)
     model = build_model(cfg)
     has_ema = (ckpt / checkpoints.EMA).is_file()

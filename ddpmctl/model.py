@@ -209,7 +209,10 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.starting_channels)).to(x.dtype)
+        temb = self.temb(timestep_embedding(t, self.config.starting_channels))
+        if self.config.time_embedding_silu:  # Ho et al.: each block projects nonlinearity(temb); applied once here
+            temb = F.silu(temb)
+        temb = temb.to(x.dtype)
         h = self.stem(x)
         hs = [h]
         for layer in self.down:

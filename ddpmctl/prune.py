@@ -29,6 +29,7 @@ from .checkpoints import (
     locate,
     read_meta,
 )
+from .config import complete_saved
 from .errors import CheckpointError
 from .runlock import RunLock
 
@@ -148,7 +149,7 @@ def export_weights(path: str | Path, out: str | Path, overwrite: bool = False) -
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists: pass --force to overwrite it")
     meta = read_meta(ckpt)
-    config = meta.get("config", {})
+    config = complete_saved(meta.get("config", {}))
     if "model" not in config:
         raise CheckpointError(f"{ckpt / META} holds no model config")
     which = EMA if (ckpt / EMA).is_file() else MODEL

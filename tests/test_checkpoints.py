@@ -331,3 +331,50 @@ def test_scratch_folders_of_live_processes_are_left_alone(tmp_path: Path) -> Non
     ck.clean_stale_temporaries(tmp_path)
     assert mine.is_dir()
     shutil.rmtree(mine)
+
+
+# ----------------------------------------------------------------------------- options added after runs were saved
+
+
+def test_runs_saved_before_time_embedding_silu_keep_the_network_they_trained(tiny_images: Path, tmp_path: Path) -> None:
+    """A run whose config.yaml and meta.json predate an option resumes, samples and exports as it trained."""
+    import yaml
+    from conftest import tiny_args
+
+    from ddpmctl.config import resolve_for_resume
+    from ddpmctl.inference import load_model
+
+    assert runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path, steps=2)]).exit_code == 0
+    run = tmp_path / "working" / "tiny"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["time_embedding_silu"] is True
+    # Make the run look as if saved before the option existed (meta.json's own bytes are not hashed).
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["time_embedding_silu"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    meta = json.loads((run / "checkpoint_2" / ck.META).read_text())
+    del meta["config"]["model"]["time_embedding_silu"]
+    (run / "checkpoint_2" / ck.META).write_text(json.dumps(meta))
+
+    out = tmp_path / "old.safetensors"
+    assert runner.invoke(app, ["checkpoints", "export", str(run / "checkpoint_2"), "--out", str(out)]).exit_code == 0
+    with safe_open(str(out), "pt") as fh:
+        assert json.loads(fh.metadata()["model_config"])["time_embedding_silu"] is False
+
+    loaded = load_model(run, device="cpu")
+    assert loaded.config.model.time_embedding_silu is False
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 17])
+    with torch.no_grad():
+        now = UNet(ModelConfig(**{**vars(loaded.config.model), "time_embedding_silu": True}))
+        now.load_state_dict(loaded.model.state_dict())
+        assert not torch.allclose(loaded.model(x, t), now.eval()(x, t))  # the flag changes the network
+
+    cfg = resolve_for_resume(None, {"experiment_name": "tiny", "working_directory": str(tmp_path / "working")})
+    assert cfg.model.time_embedding_silu is False
+    # Asking for the other network on resuming is refused with the reason, not silently granted.
+    assert_one_line_error(runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path, steps=3),
+                                              "--resume-from-checkpoint", "latest", "--time-embedding-silu"]),
+                          "time_embedding_silu (checkpoint False, now True)")
+    result = runner.invoke(app, ["resume", "--experiment-name", "tiny", "--working-directory", str(tmp_path / "working"),
+                                 "--num-training-steps", "3", "--path-to-data", str(tiny_images)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "checkpoint_3" / ck.META).read_text())["config"]["model"]["time_embedding_silu"] is False
