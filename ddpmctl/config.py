@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import os
 import tokenize
 import types
 import typing
@@ -360,6 +361,14 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
     if not cfg.training.resume_from_checkpoint:
         cfg = apply_overrides(cfg, {"resume_from_checkpoint": "latest"})
     return cfg
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its folders made absolute (``~`` expanded), so the config.yaml a run writes means the same
+    from any directory: ``resume`` and ``sample`` run from elsewhere find the data and the grids' folder."""
+    paths = {"working_directory": cfg.run.working_directory, "generated_directory": cfg.run.generated_directory,
+             "path_to_data": cfg.data.path_to_data}
+    return apply_overrides(cfg, {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v})
 
 
 def validate(cfg: Config) -> None:

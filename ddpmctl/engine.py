@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__, checkpoints, plots, runlock
-from .config import Config, complete_saved, dump_yaml, to_dict
+from .config import Config, complete_saved, dump_yaml, to_dict, with_absolute_paths
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
@@ -73,6 +74,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a scratch file in it, or raise ConfigError naming ``option``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ddpmctl-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}; pass a {option} you can write to") from None
+
+
 def model_config_differs(saved: dict[str, Any], cfg: Config) -> list[str]:
     """Model/diffusion options that differ between a checkpoint and the current config."""
     current = to_dict(cfg)
@@ -115,6 +126,7 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     """Train (or resume, when ``cfg.training.resume_from_checkpoint`` is set) and return where it ended."""
     emit = on_event or (lambda _e: None)
     stop = stop or StopFlag()
+    cfg = with_absolute_paths(cfg)  # config.yaml must mean the same from any directory
     dist_info = init_distributed(cfg.run.device)
     try:
         with interrupt_handlers(stop):
@@ -167,6 +179,7 @@ class _Trainer:
         """Rank 0: take the run's lock (one process per run), tidy, and resolve the checkpoint to load."""
         which = self.cfg.training.resume_from_checkpoint
         self.lock.acquire(create=True)
+        check_writable(self.cfg.generated_dir, "--generated-directory")  # now, not at the first grid hours later
         checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
         if not which:
             existing = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
@@ -189,6 +202,7 @@ class _Trainer:
         if self.precision.note:
             self.notes.append(self.precision.note)
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
+        self.num_images = len(dataset)  # type: ignore[arg-type]
 
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         model = build_model(cfg).to(self.device)
@@ -251,6 +265,19 @@ class _Trainer:
                 f"{path.name} was trained with different model settings: {'; '.join(diffs)}. "
                 "Resume with the run's own settings ('ddpmctl resume' reads them from config.yaml)"
             )
+        try:
+            self._restore(path, meta)
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            # The files passed their checksums, so they are what was saved, but not what this ddpmctl saves
+            # for this model (edited by hand, or from another tool): a user problem, not a bug.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CheckpointError(
+                f"{path.name} does not fit this run ({type(exc).__name__}: {first}); resume from another "
+                f"checkpoint with --resume-from-checkpoint checkpoint_N"
+            ) from None
+
+    def _restore(self, path: Path, meta: dict[str, Any]) -> None:
+        """Weights, EMA, optimizer, schedule, data position and RNG of ``path`` into this trainer."""
         self.model.load_state_dict(checkpoints.load_weights(path))
         state = checkpoints.load_training_state(path)
         if self.ema is not None:
@@ -262,6 +289,7 @@ class _Trainer:
         load_optimizer_state(self.optimizer, state["optimizer"])
         # The schedule's lambda is rebuilt from this run's num_training_steps, so a resume may extend it.
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_new_optimizer_settings(meta.get("config", {}).get("training", {}))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(meta["step"])
@@ -270,19 +298,54 @@ class _Trainer:
                               f"{self.cfg.training.num_training_steps}): pass a larger --num-training-steps to go on")
         self.skipped_total = int(state.get("skipped_steps", 0))
         data_state = meta.get("data_state", {})
-        if self.dist.world_size == int(data_state.get("world_size", 1)) and "ranks" in data_state:
+        saved_data, data_now = meta.get("config", {}).get("data", {}).get("path_to_data"), self.cfg.data.path_to_data
+        images_then = data_state.get("num_images", self.num_images)  # absent in checkpoints of older versions
+        # (older checkpoints hold the path as typed, relative to wherever training was started)
+        moved = saved_data != data_now and not (saved_data and data_now and os.path.abspath(saved_data) == data_now)
+        if images_then != self.num_images or moved:
+            then = f"{saved_data} ({images_then} images)" if images_then != self.num_images else str(saved_data)
+            self.notes.append(f"the data changed since {path.name}: {then} then, {data_now} "
+                              f"({self.num_images} images) now; "
+                              + ("the data order restarts at the next epoch" if images_then != self.num_images
+                                 else "same number of images, so the data order goes on where it stopped"))
+        if self.dist.world_size == int(data_state.get("world_size", 1)) and images_then == self.num_images \
+                and "ranks" in data_state:
             self.stream.load_state_dict(data_state["ranks"][self.dist.rank])
         elif "ranks" in data_state:
-            # A different number of processes: continue from the next epoch (no sample is replayed twice
-            # within an epoch, but the partial epoch is cut short).
+            # Another number of processes or of images: continue from the next epoch (no sample is replayed
+            # twice within an epoch, but the partial epoch is cut short).
             self.stream.load_state_dict({"epoch": data_state["ranks"][0]["epoch"] + 1, "position": 0})
-            self.notes.append(f"world size changed from {data_state.get('world_size')} to "
-                              f"{self.dist.world_size}: data order restarts at the next epoch")
+            if self.dist.world_size != int(data_state.get("world_size", 1)):
+                self.notes.append(f"world size changed from {data_state.get('world_size')} to "
+                                  f"{self.dist.world_size}: data order restarts at the next epoch")
         rng = state.get("rng_per_rank", [state.get("rng")])
         if rng and rng[0] is not None:
             set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
             if self.dist.rank >= len(rng):
                 torch.manual_seed(self.cfg.run.seed + 7919 * self.dist.rank + self.step)
+
+    def _apply_new_optimizer_settings(self, saved: dict[str, Any]) -> None:
+        """Options given on resuming win over the optimizer state just loaded, which carries the old ones.
+
+        The loaded state restores the peak learning rate (the schedule's base) and the weight decay of
+        the checkpoint; left alone, ``resume --learning-rate`` would be recorded in config.yaml and ignored.
+        """
+        t = self.cfg.training
+        old_lr, old_wd = self.scheduler.base_lrs[0], self.optimizer.param_groups[0]["weight_decay"]
+        schedule_changed = (saved.get("warmup_steps", t.warmup_steps) != t.warmup_steps
+                            or saved.get("num_training_steps", t.num_training_steps) != t.num_training_steps)
+        if old_lr == t.learning_rate and old_wd == t.weight_decay and not schedule_changed:
+            return  # nothing changed: leave the loaded state bit for bit as saved
+        self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = t.learning_rate
+            group["weight_decay"] = t.weight_decay
+            group["lr"] = t.learning_rate * lr_lambda(self.scheduler.last_epoch)  # the next step's rate, as step() would
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        if old_lr != t.learning_rate:
+            self.notes.append(f"learning rate {old_lr:g} -> {t.learning_rate:g} from here on (the schedule keeps its shape)")
+        if old_wd != t.weight_decay:
+            self.notes.append(f"weight decay {old_wd:g} -> {t.weight_decay:g} from here on")
 
     # -- checkpoint & evaluation -------------------------------------------------------------------
 
@@ -311,7 +374,7 @@ class _Trainer:
                 "ddpmctl_version": __version__,
                 "torch_version": torch.__version__,
                 "config": to_dict(self.cfg),
-                "data_state": {"world_size": self.dist.world_size, "ranks": data_states},
+                "data_state": {"world_size": self.dist.world_size, "num_images": self.num_images, "ranks": data_states},
                 "loss": last_loss,
                 "ema": self.ema is not None,
             }
@@ -340,7 +403,11 @@ class _Trainer:
         )
         net.train(was_training)
         path = self.cfg.generated_dir / f"step_{self.step}.png"
-        save_png(progression_grid(result, s.show_x0), path)
+        try:
+            save_png(progression_grid(result, s.show_x0), path)
+        except OSError as exc:  # a full disk or a folder gone read-only: the grid is not worth the run
+            self.emit(Note(f"could not write {path}: {exc.strerror or exc}; training goes on without this grid"))
+            return
         self.emit(GridSaved(self.step, str(path)))
         plots.loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         if self.wandb is not None:

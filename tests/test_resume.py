@@ -172,6 +172,25 @@ def test_resume_cli_needs_only_name_and_folder_and_extends_with_more_steps(
     assert "lastcheckpoint" + str(run / "checkpoint_15") in "".join(result.output.split())
 
 
+def test_resume_applies_a_new_learning_rate_and_weight_decay(data: Path, tmp_path: Path) -> None:
+    """The optimizer state a checkpoint restores carries the old peak rate and decay: options given win."""
+    train(config_mod.resolve(None, options(data, tmp_path, "lr", num_training_steps=4)))
+    where = ["--experiment-name", "lr", "--working-directory", str(tmp_path / "w")]
+    result = runner.invoke(app, ["resume", *where, "--num-training-steps", "6", "--learning-rate", "1e-4",
+                                 "--weight-decay", "0.05"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "learning rate 0.001 -> 0.0001 from here on" in text and "weight decay 0.0001 -> 0.05" in text
+    # The rates logged after the resume are those of a run with the new peak and length from the start.
+    train(config_mod.resolve(None, options(data, tmp_path, "ref", num_training_steps=6, learning_rate=1e-4)))
+    logged = {name: {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "w" / name / "metrics.jsonl").open())}
+              for name in ("lr", "ref")}
+    assert [logged["lr"][s] for s in (5, 6)] == pytest.approx([logged["ref"][s] for s in (5, 6)], rel=1e-12)
+    state = ck.load_training_state(tmp_path / "w" / "lr" / "checkpoint_6")
+    assert state["scheduler"]["base_lrs"] == [1e-4]
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.05}
+
+
 def test_resume_from_an_older_checkpoint_sets_the_newer_branch_aside(
     data: Path, tmp_path: Path, straight: Path
 ) -> None:
@@ -450,3 +469,54 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(data: Path) -> None:
             next(stream)
     finally:
         stream.close()
+
+
+def test_a_run_resumes_from_another_directory_with_the_paths_it_was_given(data: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative --path-to-data / --working-directory / --generated-directory are stored absolute in config.yaml."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(data, start / "imgs")
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    opts = options(Path("imgs"), Path("."), "rel", num_training_steps=4)
+    opts.update(working_directory="w", generated_directory="g", path_to_data="imgs")
+    args = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    assert runner.invoke(app, ["train", *args]).exit_code == 0
+    saved = config_mod.load_yaml(start / "w" / "rel" / "config.yaml")
+    assert saved.data.path_to_data == str(start / "imgs") and saved.run.generated_directory == str(start / "g")
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["resume", "--experiment-name", "rel", "--working-directory", "../start/w",
+                                 "--num-training-steps", "8"])
+    assert result.exit_code == 0, result.output
+    assert (start / "g" / "rel" / "step_8.png").is_file() and not (elsewhere / "g").exists()
+    assert "data changed" not in result.output
+
+
+def test_resuming_on_other_data_says_so_and_starts_a_new_epoch(data: Path, tmp_path: Path) -> None:
+    train(config_mod.resolve(None, options(data, tmp_path, "data", num_training_steps=4)))
+    other = make_demo_dataset(tmp_path / "other", num_images=7, size=8, seed=4)
+    result = runner.invoke(app, ["resume", "--experiment-name", "data", "--working-directory", str(tmp_path / "w"),
+                                 "--num-training-steps", "5", "--path-to-data", str(other)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"the data changed since checkpoint_4: {data} (10 images) then, {other} (7 images) now" in text
+    assert "the data order restarts at the next epoch" in text
+
+
+def test_a_checkpoint_that_passes_its_checksums_but_does_not_fit_is_a_one_line_error(data: Path, tmp_path: Path) -> None:
+    """Files edited by hand (checksums recomputed): the loader refuses them in one line, nothing is lost."""
+    from conftest import assert_one_line_error
+
+    train(config_mod.resolve(None, options(data, tmp_path, "misfit", num_training_steps=4)))
+    ckpt = tmp_path / "w" / "misfit" / "checkpoint_4"
+    state = ck.load_training_state(ckpt)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"] * 2  # one group too many
+    torch.save(state, ckpt / ck.STATE)
+    meta = json.loads((ckpt / ck.META).read_text())
+    meta["files"][ck.STATE] = {"size": (ckpt / ck.STATE).stat().st_size, "sha256": ck.sha256_file(ckpt / ck.STATE)}
+    (ckpt / ck.META).write_text(json.dumps(meta))
+    before = sorted(p.name for p in ckpt.iterdir())
+    result = runner.invoke(app, ["resume", "--experiment-name", "misfit", "--working-directory", str(tmp_path / "w"),
+                                 "--num-training-steps", "6"])
+    assert_one_line_error(result, "checkpoint_4 does not fit this run (ValueError", "--resume-from-checkpoint")
+    assert sorted(p.name for p in ckpt.iterdir()) == before

@@ -95,3 +95,28 @@ def test_seed_recommended_line_trains_with_small_sizes(tmp_path, tiny_images):
     result = runner.invoke(app, ["train", *line])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "working" / "celebA_small" / "checkpoint_2" / "model.safetensors").is_file()
+
+
+def test_a_grids_folder_that_cannot_be_written_fails_at_start_not_at_the_first_grid(tmp_path, tiny_images):
+    from conftest import assert_one_line_error
+
+    (tmp_path / "afile").write_text("not a folder")
+    args = tiny_args(tiny_images, tmp_path, steps=2)
+    args[args.index("--generated-directory") + 1] = str(tmp_path / "afile" / "g")
+    assert_one_line_error(runner.invoke(app, ["train", *args]), f"cannot write to {tmp_path / 'afile' / 'g' / 'tiny'}",
+                          "pass a --generated-directory you can write to")
+    assert not list((tmp_path / "working" / "tiny").glob("checkpoint_*"))
+
+
+def test_a_grid_that_cannot_be_written_mid_run_is_a_note_and_training_goes_on(tmp_path, tiny_images, monkeypatch):
+    from ddpmctl import engine
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_png", full_disk)
+    result = runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path, steps=2, evaluation_interval=1)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "No space left on device; training goes on without this grid" in text
+    assert (tmp_path / "working" / "tiny" / "checkpoint_2").is_dir()
