@@ -402,8 +402,16 @@ def validate(cfg: Config) -> None:
             f"img_size {m.img_size} must be divisible by {factor} for {len(m.channel_multipliers)} stages; "
             "change img_size or channel_multipliers"
         )
-    if m.dropout >= 1 or t.ema_decay >= 1:
-        raise ConfigError("dropout and ema_decay must be below 1")
+    for name, value in (("dropout", m.dropout), ("ema_decay", t.ema_decay)):
+        if value >= 1:
+            raise ConfigError(f"{name} must be below 1, got {value}")
+    stages = [m.img_size // 2**i for i in range(len(m.channel_multipliers))]
+    wrong = sorted(set(m.attention_resolutions or ()) - set(stages))
+    if wrong:
+        raise ConfigError(
+            f"attention_resolutions {', '.join(map(str, wrong))}: this model's stages work at "
+            f"{', '.join(map(str, stages))} px; pick among those (or leave it unset: after every downsampling)"
+        )
     if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
         raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
     if d.beta_schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:

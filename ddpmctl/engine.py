@@ -201,6 +201,9 @@ class _Trainer:
         self.precision: Precision = resolve_precision(t.precision, self.device)
         if self.precision.note:
             self.notes.append(self.precision.note)
+        if cfg.sampling.sampler == "ddpm" and cfg.sampling.sampling_steps is not None:
+            self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
+                              f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
         self.num_images = len(dataset)  # type: ignore[arg-type]
 
