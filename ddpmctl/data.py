@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .errors import DataError
+from .errors import DataError, DdpmctlWarning
 from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
 from .prepare import PACK_FILE, pack_digest, prepared_files, read_manifest
 
@@ -37,6 +37,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         self.img_size = img_size
         self.files = find_images(self.root)
+        self.unreadable: set[Path] = set()  # files that failed to decode here (each worker keeps its own)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -49,7 +50,10 @@ class ImageFolderDataset(Dataset):
                 # Same conversion as `ddpmctl prepare` (EXIF, 16-bit, alpha), with the reduced JPEG decode.
                 return pil_to_uint8(load_square(path, self.img_size, "center", fast=True))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
+                if path not in self.unreadable:  # once per file and process, not at every epoch
+                    self.unreadable.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({describe_error(exc)}); 'ddpmctl prepare' "
+                                  "lists every broken file once", DdpmctlWarning, stacklevel=1)
         raise DataError(f"no readable image near {self.files[idx]}; run 'ddpmctl prepare' to find the broken files")
 
 

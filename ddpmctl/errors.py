@@ -24,3 +24,7 @@ class TrainingStopped(DdpmctlError):
         super().__init__(message)
         self.checkpoint = checkpoint  # the checkpoint saved on the way out, if any
         self.exit_code = exit_code
+
+
+class DdpmctlWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI shows it as one ``warning:`` line)."""

@@ -1,0 +1,24 @@
+"""Reading training data straight from a folder of images."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from ddpmctl.data import ImageFolderDataset
+from ddpmctl.errors import DdpmctlWarning
+
+
+def test_a_broken_file_is_skipped_with_one_warning_not_one_per_epoch(tmp_path: Path) -> None:
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    dataset = ImageFolderDataset(tmp_path, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _epoch in range(3):
+            images = [dataset[i] for i in range(len(dataset))]
+    assert [tuple(x.shape) for x in images] == [(3, 8, 8), (3, 8, 8)]  # b.png's place is taken by a.png
+    assert [(w.category, str(w.message).split(" (")[0]) for w in caught] == [
+        (DdpmctlWarning, f"skipping unreadable image {tmp_path / 'b.png'}")]
