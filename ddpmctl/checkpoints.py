@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -44,6 +45,7 @@ _NAME = re.compile(r"^checkpoint_(\d+)$")
 _SCRATCH = (".tmp-checkpoint_", ".old-checkpoint_", ".trash-checkpoint_")  # prefixes of our own scratch folders
 LOCK = ".lock"  # RUN_DIR/.lock: flock-ed by the process training the run (rank 0), and by prune
 ABANDONED = "abandoned"  # RUN_DIR/abandoned/: checkpoints newer than the one a run was resumed from
+RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml: what marks a folder as a run (WORKING_DIRECTORY/EXPERIMENT_NAME)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class CheckpointInfo:
 
     path: Path
     step: int
-    complete: bool  # meta.json present and every file it lists has the recorded size
+    complete: bool  # meta.json present and every file it lists has the recorded size (and checksum, when verified)
     problem: str | None  # why it is not usable, when it is not
     meta: dict[str, Any]
 
@@ -136,14 +138,17 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint_{step}"
     tmp = run_dir / f".tmp-checkpoint_{step}-{os.getpid()}"
+    # Copied to the CPU before the try: a device error here is not a failed write and keeps its traceback.
+    model_cpu = _contiguous(model_state)
+    ema_cpu = _contiguous(ema_state) if ema_state is not None else None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(_contiguous(model_state), str(tmp / MODEL), metadata={"format": "pt"})
-        if ema_state is not None:
-            save_file(_contiguous(ema_state), str(tmp / EMA), metadata={"format": "pt"})
+        save_file(model_cpu, str(tmp / MODEL), metadata={"format": "pt"})
+        if ema_cpu is not None:
+            save_file(ema_cpu, str(tmp / EMA), metadata={"format": "pt"})
         torch.save(training_state, tmp / STATE)
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -171,10 +176,31 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {final}: {exc.strerror or exc}; the previous checkpoints "
                               "are untouched") from None
+    except (RuntimeError, SafetensorError) as exc:
+        # torch.save reports a failed write (disk full, quota, I/O error) as RuntimeError("[enforce fail at
+        # inline_container.cc:...] . unexpected pos ..."), safetensors as SafetensorError: the disk's answer,
+        # not a bug. Free space is measured before the partial files go, while it is what the write ran into.
+        free = _free_space(run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {final}: {_first_line(exc)}; the disk may be full or over "
+                              f"quota{free}; the previous checkpoints are untouched") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _free_space(path: Path) -> str:
+    """`` (12.0 MB free there)`` for an error message, or nothing when the disk cannot say."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if free < 1024 or unit == "GB":
+            return f" ({free:.0f} {unit} free there)" if unit == "B" else f" ({free:.1f} {unit} free there)"
+        free /= 1024
+    return ""
 
 
 # ----------------------------------------------------------------------------- reading and listing
@@ -211,13 +237,46 @@ def inspect_checkpoint(path: str | Path, verify_hashes: bool = False) -> Checkpo
     return CheckpointInfo(path, step, True, None, meta)
 
 
-def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
-    """All ``checkpoint_<step>`` folders in ``run_dir`` (complete or not), oldest first."""
+def list_checkpoints(run_dir: str | Path, verify_hashes: bool = False) -> list[CheckpointInfo]:
+    """All ``checkpoint_<step>`` folders in ``run_dir`` (complete or not), oldest first.
+
+    ``verify_hashes`` reads every file to check its SHA-256, as resume does: what a user is shown as good
+    must be what resume would use. The training loop's rotation leaves it off (sizes only), so a save does
+    not re-read every checkpoint.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [inspect_checkpoint(p) for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    found = [inspect_checkpoint(p, verify_hashes) for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
     return sorted(found, key=lambda c: (c.step, c.name))
+
+
+def newest_good(run_dir: str | Path) -> CheckpointInfo | None:
+    """The newest checkpoint whose files match their checksums (what 'latest' resumes from), or None.
+
+    Only folders complete by size are hashed, newest first, up to the first good one.
+    """
+    for info in reversed(list_checkpoints(run_dir)):
+        if info.complete:
+            checked = inspect_checkpoint(info.path, verify_hashes=True)
+            if checked.complete:
+                return checked
+    return None
+
+
+def runs_in(folder: str | Path) -> list[str]:
+    """The run folders (those holding a config.yaml) directly inside ``folder``, as in a working directory."""
+    folder = Path(folder)
+    try:
+        return sorted(p.parent.name for p in folder.glob(f"*/{RUN_CONFIG}") if p.is_file())
+    except OSError:
+        return []
+
+
+def runs_hint(folder: Path, runs: list[str]) -> str:
+    """``the runs a, b (pass one of them, e.g. FOLDER/a)`` for messages about a working directory."""
+    shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+    return f"the runs {shown} (pass one of them, e.g. {folder / runs[0]})"
 
 
 def _scratch_owner(name: str) -> int | None:
@@ -237,7 +296,7 @@ def clean_stale_temporaries(run_dir: str | Path) -> list[Path]:
     if not run_dir.is_dir():
         return touched
     for p in sorted(run_dir.iterdir()):
-        if not (p.is_dir() and p.name.startswith(_SCRATCH)):
+        if not ((p.is_dir() or p.is_symlink()) and p.name.startswith(_SCRATCH)):
             continue
         pid = _scratch_owner(p.name)
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
@@ -248,7 +307,7 @@ def clean_stale_temporaries(run_dir: str | Path) -> list[Path]:
                 p.rename(final)
                 touched.append(final)
                 continue
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)  # a .trash-* symlink (an older prune's leftover) loses the link only
         touched.append(p)
     return touched
 
@@ -263,11 +322,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """rmtree, except that a symlink is unlinked: rmtree refuses links, and what one points to is not ours."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _discard(path: Path) -> None:
-    """Delete a checkpoint folder so that it vanishes at once: rename it aside, then remove the files."""
+    """Delete a checkpoint folder so that it vanishes at once: rename it aside, then remove the files.
+
+    A symlinked checkpoint loses only the link (removing a link is atomic already); the folder it points to,
+    perhaps another run's, is left alone.
+    """
+    if path.is_symlink():
+        path.unlink()
+        return
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists() or trash.is_symlink():
+        _remove(trash)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -312,15 +386,16 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> tuple[Path
         if not info.complete:
             raise CheckpointError(f"{candidate} is {info.problem}; {_existing(run_dir)}")
         return candidate, notes
-    skipped = []
+    skipped, seen = [], []
     for info in reversed(list_checkpoints(run_dir)):
-        checked = inspect_checkpoint(info.path, verify_hashes=True)
+        checked = inspect_checkpoint(info.path, verify_hashes=True) if info.complete else info
         if checked.complete:
             if skipped:
                 notes.append(f"{', '.join(skipped)}; using {checked.name}, the newest good checkpoint")
             return checked.path, notes
         skipped.append(f"{info.name} is {checked.problem}")
-    raise CheckpointError(f"no usable checkpoint in {run_dir}; {_existing(run_dir)}")
+        seen.append(checked)
+    raise CheckpointError(f"no usable checkpoint in {run_dir}; {_existing(run_dir, seen[::-1])}")
 
 
 def set_aside_newer(run_dir: str | Path, resumed: Path) -> list[str]:
@@ -355,11 +430,22 @@ def set_aside_newer(run_dir: str | Path, resumed: Path) -> list[str]:
             "(not deleted; 'latest' and rotation no longer see them)"]
 
 
-def _existing(run_dir: Path) -> str:
-    found = list_checkpoints(run_dir)
+def _existing(run_dir: Path, found: list[CheckpointInfo] | None = None) -> str:
+    """What ``run_dir`` holds, each unusable checkpoint with the reason, for an error message.
+
+    ``found``: the run's checkpoints already inspected with their checksums (else they are, here: a folder
+    damaged only by its checksum must not be offered as if it were good).
+    """
+    if found is None:
+        found = list_checkpoints(run_dir, verify_hashes=True)
     if not found:
+        if run_dir.is_file():
+            return "that is a file, not a run folder"
         if not run_dir.is_dir():
             return "that run folder does not exist"
+        runs = runs_in(run_dir)
+        if runs:
+            return f"it is a working directory holding {runs_hint(run_dir, runs)}"
         return "it holds no checkpoint yet (the run stopped before its first save)"
     parts = [c.name if c.complete else f"{c.name} ({c.problem})" for c in found]
     return "it holds: " + ", ".join(parts)
@@ -368,7 +454,23 @@ def _existing(run_dir: Path) -> str:
 def locate(path: str | Path) -> tuple[Path, list[str]]:
     """PATH is a checkpoint folder, or a run folder whose newest usable checkpoint is used."""
     path = Path(path).expanduser()
+    if path.is_file():  # e.g. RUN/metrics.jsonl or a checkpoint's model.safetensors: point at its folder
+        parent = path.parent
+        if (parent / META).is_file():
+            hint = f"pass the checkpoint folder {parent}"
+        elif list_checkpoints(parent) or (parent / RUN_CONFIG).is_file():
+            hint = f"pass the run folder {parent}"
+        else:
+            hint = "pass a checkpoint folder or a run folder"
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder or a run folder: {hint}")
     if not path.exists():
+        parent = path.parent
+        if parent.is_dir() and (_NAME.match(path.name) or list_checkpoints(parent)):
+            raise CheckpointError(f"{path.name} not found in {parent}; {_existing(parent)}")
+        runs = runs_in(parent) if parent.is_dir() else []
+        if runs:
+            raise CheckpointError(f"{path} does not exist; {parent} is a working directory holding "
+                                  f"{runs_hint(parent, runs)}")
         raise CheckpointError(f"{path} does not exist: pass a checkpoint folder or a run folder")
     if (path / META).is_file() or _NAME.match(path.name):
         return resolve_checkpoint(path.parent, str(path))
@@ -394,17 +496,28 @@ def load_training_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+        # Only a refused GLOBAL (a class or function the file wants imported) is a pickled object that could
+        # run code; any other unpickling failure (e.g. "Unsupported operand 189") means bytes that are no pickle.
+        found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(exc))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+            raise _not_a_state(file, f"unpickling failed: {detail.group(1).strip()}" if detail else "unpickling failed") from None
         raise CheckpointError(
-            f"refusing to load {file}: it holds a pickled Python object{what} that could run code; ddpmctl "
-            "only loads tensors and plain values from checkpoints (use a checkpoint written by ddpmctl)"
+            f"refusing to load {file}: it holds a pickled Python object ({found.group(1)}) that could run code; "
+            "ddpmctl only loads tensors and plain values from checkpoints (use a checkpoint written by ddpmctl)"
         ) from None
-    except Exception as exc:  # truncated zip, bad header, ...: the file's fault, not a bug
-        raise CheckpointError(f"cannot read {file}: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or _first_line(exc)}") from None
+    except Exception as exc:  # truncated zip, bad header, garbage the unpickler trips over: the file's fault, not a bug
+        raise _not_a_state(file, _first_line(exc)) from None
     if not isinstance(state, dict) or "optimizer" not in state or "scheduler" not in state:
         raise CheckpointError(f"{file} is not a ddpmctl training state (no optimizer/scheduler state)")
     return state
+
+
+def _not_a_state(file: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {file}: it is not a valid training state ({why[:200]}); the file is "
+                           "damaged or was not written by ddpmctl")
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Thinning out and exporting a run's checkpoints: what ``ddpmctl checkpoints prune|export`` do.
 
 :func:`plan_prune` decides which checkpoint folders to keep and which to remove (with the reason for
-each), and :func:`execute_prune` deletes them under the run's lock, always sparing the newest complete
-checkpoint. :func:`export_weights` writes a checkpoint's EMA (else raw) weights as one safetensors file
-that carries the model config in its metadata, loadable without ddpmctl's checkpoint code.
+each), and :func:`execute_prune` deletes them under the run's lock, always sparing the newest good
+checkpoint (one whose files match their checksums: what resume would load). :func:`export_weights`
+writes a checkpoint's EMA (else raw) weights as one safetensors file that carries the model config in its
+metadata, loadable without ddpmctl's checkpoint code.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from .checkpoints import (
     _discard,
     _fsync_dir,
     _fsync_file,
+    inspect_checkpoint,
     list_checkpoints,
     load_weights,
     locate,
+    newest_good,
     read_meta,
+    runs_hint,
+    runs_in,
 )
 from .config import complete_saved
 from .errors import CheckpointError
@@ -51,17 +56,25 @@ class PrunePlan:
 
 def check_run_dir(run_dir: Path) -> None:
     """A run folder must exist, and a checkpoint folder given by mistake is pointed at its run folder."""
+    if run_dir.is_file():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder; pass its folder {run_dir.parent} if that is the run")
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     if _NAME.match(run_dir.name) and (run_dir / META).is_file():
         raise CheckpointError(f"{run_dir} is a checkpoint folder; pass its run folder {run_dir.parent}")
+    runs = runs_in(run_dir)
+    if runs and not any(_NAME.match(p.name) and p.is_dir() for p in run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} holds no checkpoint: it is a working directory holding {runs_hint(run_dir, runs)}")
 
 
 def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) -> PrunePlan:
     """Keep the newest ``keep`` complete checkpoints (and every ``keep_every``-th step); remove the rest.
 
     Damaged or incomplete folders are removed too, except the newest folder of all, which is never
-    touched; the newest complete checkpoint is always kept.
+    touched; the newest good checkpoint is always kept. What is kept as good is checked against its
+    checksums, as resume checks it: by sizes alone a newest checkpoint with a flipped byte would be kept and
+    every good one deleted. Folders removed anyway are not hashed, so a run of many big checkpoints is not
+    read whole.
     """
     run_dir = Path(run_dir)
     if keep < 1:
@@ -70,25 +83,30 @@ def plan_prune(run_dir: str | Path, keep: int, keep_every: int | None = None) ->
         raise CheckpointError("--keep-every must be at least 1")
     check_run_dir(run_dir)
     found = list_checkpoints(run_dir)
-    plan = PrunePlan(run_dir)
-    complete = [c for c in found if c.complete]
-    newest_kept = {c.path for c in complete[-keep:]}
-    for info in found:
-        if info is found[-1]:
-            plan.keep.append((info, "newest" if info.complete else f"newest folder, {info.problem}"))
+    keep_rows: list[tuple[CheckpointInfo, str]] = []
+    remove_rows: list[tuple[CheckpointInfo, str]] = []
+    good = 0  # good checkpoints kept so far, newest first
+    for pos, info in enumerate(reversed(found)):
+        milestone = bool(keep_every) and info.step % keep_every == 0
+        if info.complete and (good < keep or milestone):
+            info = inspect_checkpoint(info.path, verify_hashes=True)
+        if pos == 0:
+            good += int(info.complete)
+            keep_rows.append((info, "newest" if info.complete else f"newest folder, {info.problem}"))
         elif not info.complete:
-            plan.remove.append((info, info.problem or "unusable"))
-        elif info.path in newest_kept:
-            plan.keep.append((info, "newest complete" if info is complete[-1] else f"among the newest {keep}"))
-        elif keep_every and info.step % keep_every == 0:
-            plan.keep.append((info, f"milestone (every {keep_every})"))
+            remove_rows.append((info, info.problem or "unusable"))
+        elif good < keep:
+            good += 1
+            keep_rows.append((info, "newest complete" if good == 1 else f"among the newest {keep}"))
+        elif milestone:
+            keep_rows.append((info, f"milestone (every {keep_every})"))
         else:
-            plan.remove.append((info, f"not among the newest {keep}"))
-    return plan
+            remove_rows.append((info, f"not among the newest {keep}"))
+    return PrunePlan(run_dir, keep_rows[::-1], remove_rows[::-1])
 
 
 def execute_prune(plan: PrunePlan) -> list[Path]:
-    """Delete what ``plan`` marks for removal; the newest complete checkpoint is re-checked and spared.
+    """Delete what ``plan`` marks for removal; the newest good checkpoint is re-checked (checksums) and spared.
 
     Refused (RunInUseError) while a training process holds the run's lock.
     """
@@ -97,8 +115,9 @@ def execute_prune(plan: PrunePlan) -> list[Path]:
 
 
 def _execute_prune(plan: PrunePlan) -> list[Path]:
-    newest = [c for c in list_checkpoints(plan.run_dir) if c.complete][-1:]
-    spared = {c.path.resolve() for c in newest}
+    # Re-checked now, with checksums: the plan may be stale, and what is spared must be what resume would load.
+    newest = newest_good(plan.run_dir)
+    spared = {newest.path.resolve()} if newest is not None else set()
     removed = []
     for info, _reason in plan.remove:
         if info.path.resolve() in spared or not info.path.is_dir():

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
 from ddpmctl import prune
+from ddpmctl.cli import checkpoints as cli_checkpoints
 from ddpmctl.cli.main import app
 from ddpmctl.config import ModelConfig
 from ddpmctl.errors import CheckpointError
@@ -43,6 +44,14 @@ def rewrite_meta(path: Path) -> None:
     for name in meta["files"]:
         meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": ck.sha256_file(path / name)}
     (path / ck.META).write_text(json.dumps(meta))
+
+
+
+def flip_byte(path: Path) -> None:
+    """Silent damage (bit rot, a bad copy): one byte flipped, the size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 
@@ -75,6 +84,32 @@ def test_failed_save_leaves_run_folder_untouched(tmp_path: Path, monkeypatch: py
     assert ck.inspect_checkpoint(tmp_path / "checkpoint_1", verify_hashes=True).complete
 
 
+def test_disk_full_inside_torch_save_or_safetensors_is_one_line_and_leaves_run_untouched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    fake_checkpoint(tmp_path, 1)
+
+    def torch_disk_full(*_a, **_k):  # what torch.save raises when the disk fills while it writes
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 76416 vs 76308")
+
+    def safetensors_disk_full(*_a, **_k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    for target, writer, fake, detail in ((ck.torch, "save", torch_disk_full, "unexpected pos 76416 vs 76308"),
+                                         (ck, "save_file", safetensors_disk_full, "No space left on device")):
+        with monkeypatch.context() as m:
+            m.setattr(target, writer, fake)
+            with pytest.raises(CheckpointError) as err:
+                fake_checkpoint(tmp_path, 2)
+        message = str(err.value)
+        assert message.startswith(f"could not write {tmp_path / 'checkpoint_2'}: ") and "\n" not in message
+        assert detail in message and "the disk may be full" in message and "free there" in message
+        assert message.endswith("the previous checkpoints are untouched")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1"]  # no temporary folder left
+        assert ck.inspect_checkpoint(tmp_path / "checkpoint_1", verify_hashes=True).complete
+
+
 def test_resave_of_same_step_replaces_it_and_killed_replacement_is_restored(tmp_path: Path) -> None:
     first = fake_checkpoint(tmp_path, 3, loss=1.0)
     fake_checkpoint(tmp_path, 3, loss=2.0)
@@ -97,6 +132,17 @@ def test_rotate_keeps_newest_complete_and_ignores_damaged(tmp_path: Path) -> Non
     assert sorted(p.name for p in removed) == ["checkpoint_1", "checkpoint_2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3", "checkpoint_4", "checkpoint_5"]
 
+
+
+def test_rotation_during_training_does_not_hash_every_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step, ema=False)
+
+    def no_hashing(_path: Path) -> str:
+        raise AssertionError("rotation runs at every save: it checks sizes, it must not re-read every checkpoint")
+
+    monkeypatch.setattr(ck, "sha256_file", no_hashing)
+    assert [p.name for p in ck.rotate(tmp_path, keep=1, protect=tmp_path / "checkpoint_3")] == ["checkpoint_1", "checkpoint_2"]
 
 # ----------------------------------------------------------------------------- damage and fallback
 
@@ -126,6 +172,21 @@ def test_same_size_corruption_is_caught_by_the_checksum(tmp_path: Path) -> None:
     assert path.name == "checkpoint_1" and "does not match its checksum" in notes[0]
     with pytest.raises(CheckpointError, match="checkpoint_2 is damaged"):
         ck.resolve_checkpoint(tmp_path, "checkpoint_2")  # named explicitly: no silent substitute
+
+
+def test_no_usable_checkpoint_says_why_each_one_is_unusable_checksums_included(tmp_path: Path) -> None:
+    for step in (1, 2):
+        fake_checkpoint(tmp_path, step, ema=False)
+    flip_byte(tmp_path / "checkpoint_1" / ck.MODEL)
+    flip_byte(tmp_path / "checkpoint_2" / ck.STATE)
+    with pytest.raises(CheckpointError) as err:
+        ck.resolve_checkpoint(tmp_path)
+    assert str(err.value) == (f"no usable checkpoint in {tmp_path}; it holds: "
+                              "checkpoint_1 (damaged: model.safetensors does not match its checksum), "
+                              "checkpoint_2 (damaged: training_state.pt does not match its checksum)")
+    with pytest.raises(CheckpointError) as err:  # a name that is not there: the others are listed with their damage
+        ck.resolve_checkpoint(tmp_path, "checkpoint_3")
+    assert "it holds: checkpoint_1 (damaged: model.safetensors does not match its checksum)" in str(err.value)
 
 
 def test_folder_without_completion_marker_is_never_used(tmp_path: Path) -> None:
@@ -207,6 +268,25 @@ def test_garbage_files_are_one_line_errors(tmp_path: Path) -> None:
         ck.load_training_state(path)
 
 
+def test_garbage_training_state_is_called_invalid_not_a_pickled_object(tmp_path: Path) -> None:
+    import random
+
+    path = fake_checkpoint(tmp_path, 1, ema=False)
+    for seed in (0, 2):  # seed 0: the unpickler stops at an unknown opcode; seed 2: it trips over its own stack
+        (path / ck.STATE).write_bytes(random.Random(seed).randbytes(4000))
+        rewrite_meta(path)  # the checksum matches: the bytes themselves are the problem
+        assert ck.inspect_checkpoint(path, verify_hashes=True).complete
+        with pytest.raises(CheckpointError) as err:
+            ck.load_training_state(path)
+        message = str(err.value)
+        assert message.startswith(f"cannot read {path / ck.STATE}: it is not a valid training state (")
+        assert message.endswith("; the file is damaged or was not written by ddpmctl") and "\n" not in message
+        assert "pickled" not in message and "run code" not in message
+    (path / ck.STATE).unlink()
+    with pytest.raises(CheckpointError, match=r"cannot read .*training_state.pt: No such file or directory$"):
+        ck.load_training_state(path)
+
+
 def test_truncate_metrics_drops_replayed_and_torn_rows(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
@@ -250,7 +330,70 @@ def test_prune_never_deletes_the_newest(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3"]
 
 
-def test_prune_cli_dry_run_confirmation_and_yes(tmp_path: Path) -> None:
+def test_prune_and_list_check_checksums_so_a_bitrotten_newest_is_not_all_that_survives(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step, ema=False)
+    flip_byte(tmp_path / "checkpoint_3" / ck.MODEL)  # same size: only the checksum can tell
+    assert ck.inspect_checkpoint(tmp_path / "checkpoint_3").complete
+
+    plan = prune.plan_prune(tmp_path, keep=1)
+    assert [(i.name, why) for i, why in plan.keep] == [
+        ("checkpoint_2", "newest complete"),
+        ("checkpoint_3", "newest folder, damaged: model.safetensors does not match its checksum")]
+    assert [i.name for i, _ in plan.remove] == ["checkpoint_1"]
+
+    listing = runner.invoke(app, ["checkpoints", "list", str(tmp_path)])
+    assert listing.exit_code == 0, listing.output
+    rows = {line.split()[0]: line for line in listing.output.splitlines() if line.startswith("checkpoint_")}
+    assert rows["checkpoint_2"].rstrip().endswith(" ok") and "damaged:" in rows["checkpoint_3"]
+    assert "checksum" in listing.output  # the status column wraps in CliRunner's 80 columns
+    assert "resume uses checkpoint_2" in listing.output  # what resume really picks:
+    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"
+
+    # A stale plan that would delete every good checkpoint still spares the newest good one.
+    stale = prune.PrunePlan(tmp_path, keep=[(ck.inspect_checkpoint(tmp_path / "checkpoint_3"), "newest")],
+                            remove=[(ck.inspect_checkpoint(tmp_path / f"checkpoint_{s}"), "stale") for s in (1, 2)])
+    assert [p.name for p in prune.execute_prune(stale)] == ["checkpoint_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3"]
+    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"  # the run can still be resumed
+
+
+def test_prune_treats_a_checksum_failure_among_the_kept_as_damage(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(tmp_path, step, ema=False)
+    flip_byte(tmp_path / "checkpoint_30" / ck.STATE)
+    flip_byte(tmp_path / "checkpoint_20" / ck.MODEL)  # a milestone: kept only if it is good
+    plan = prune.plan_prune(tmp_path, keep=2, keep_every=20)
+    assert {i.name: why for i, why in plan.keep} == {"checkpoint_40": "newest", "checkpoint_10": "among the newest 2"}
+    assert {i.name: why for i, why in plan.remove} == {
+        "checkpoint_20": "damaged: model.safetensors does not match its checksum",
+        "checkpoint_30": "damaged: training_state.pt does not match its checksum"}
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "2", "--keep-every", "20", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_10", "checkpoint_40"]
+
+
+def test_prune_of_a_symlinked_checkpoint_removes_the_link_never_its_target(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    fake_checkpoint(other, 5, ema=False)
+    run = tmp_path / "run"
+    for step in (10, 20):
+        fake_checkpoint(run, step, ema=False)
+    (run / "checkpoint_1").symlink_to(other / "checkpoint_5", target_is_directory=True)
+    result = runner.invoke(app, ["checkpoints", "prune", str(run), "--keep", "1", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "deleted 2 checkpoint(s): checkpoint_1, checkpoint_10" in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_20"]  # no .trash-checkpoint_1-<pid> left behind
+    assert ck.inspect_checkpoint(other / "checkpoint_5", verify_hashes=True).complete
+    # A link an older prune left as trash is tidied the same way.
+    (run / f".trash-checkpoint_1-{2**22 + 12345}").symlink_to(other / "checkpoint_5", target_is_directory=True)
+    ck.clean_stale_temporaries(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_20"]
+    assert ck.inspect_checkpoint(other / "checkpoint_5", verify_hashes=True).complete
+
+
+def test_prune_cli_dry_run_confirmation_and_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_checkpoints, "_stdin_is_terminal", lambda: True)  # answers come from CliRunner's input
     for step in (1, 2, 3):
         fake_checkpoint(tmp_path, step, ema=False)
     names = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
@@ -275,6 +418,16 @@ def test_prune_cli_dry_run_confirmation_and_yes(tmp_path: Path) -> None:
                           "--keep must be at least 1")
 
 
+def test_prune_without_a_terminal_and_without_yes_deletes_nothing_and_says_so(tmp_path: Path) -> None:
+    for step in (1, 2):
+        fake_checkpoint(tmp_path, step, ema=False)
+    result = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "1"])  # stdin: not a terminal
+    assert_one_line_error(result, "nothing deleted: stdin is not a terminal", "pass --yes to delete without asking")
+    assert "Aborted" not in result.output and "Delete them?" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    dry = runner.invoke(app, ["checkpoints", "prune", str(tmp_path), "--keep", "1", "--dry-run"])
+    assert dry.exit_code == 0 and "dry run: nothing deleted" in dry.output
+
 # ----------------------------------------------------------------------------- list and export
 
 
@@ -295,6 +448,36 @@ def test_list_cli_shows_table_and_damage(tmp_path: Path) -> None:
     assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(tmp_path / "nope")]), "does not exist")
     assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(tmp_path / "checkpoint_5")]),
                           "is a checkpoint folder; pass its run folder")
+
+
+def test_sample_and_list_name_the_folder_to_pass_instead(tmp_path: Path) -> None:
+    work = tmp_path / "working"
+    run = work / "tiny"
+    fake_checkpoint(run, 5, ema=False)
+    (run / "config.yaml").write_text("run: {}\n")  # what makes a folder a run
+    (work / "other").mkdir()
+    (work / "other" / "config.yaml").write_text("run: {}\n")
+    (run / "metrics.jsonl").write_text("")
+    sample = lambda what: runner.invoke(app, ["sample", "--checkpoint", str(what), "--out",  # noqa: E731
+                                              str(tmp_path / "out"), "--device", "cpu"])
+
+    assert_one_line_error(sample(run / "metrics.jsonl"),
+                          f"{run / 'metrics.jsonl'} is a file, not a checkpoint folder or a run folder: "
+                          f"pass the run folder {run}")
+    assert_one_line_error(sample(run / "checkpoint_5" / ck.MODEL), f"pass the checkpoint folder {run / 'checkpoint_5'}")
+    assert_one_line_error(sample(run / "checkpoint_2000"), f"checkpoint_2000 not found in {run}; it holds: checkpoint_5")
+    assert_one_line_error(sample(work / "tinyy"), f"{work / 'tinyy'} does not exist; {work} is a working directory "
+                          f"holding the runs other, tiny (pass one of them, e.g. {work / 'other'})")
+    assert_one_line_error(sample(work), f"no usable checkpoint in {work}; it is a working directory holding the runs "
+                          "other, tiny")
+    for command in (["list"], ["prune", "--keep", "1", "--yes"]):
+        assert_one_line_error(runner.invoke(app, ["checkpoints", *command, str(work)]),
+                              f"{work} holds no checkpoint: it is a working directory holding the runs other, tiny "
+                              f"(pass one of them, e.g. {work / 'other'})")
+    assert_one_line_error(runner.invoke(app, ["checkpoints", "list", str(run / "metrics.jsonl")]),
+                          "is a file, not a run folder")
+    result = runner.invoke(app, ["checkpoints", "list", str(work / "other")])  # a run with no checkpoint yet
+    assert result.exit_code == 0 and f"{work / 'other'} holds no checkpoint" in " ".join(result.output.split())
 
 
 def test_export_writes_ema_weights_loadable_with_plain_safetensors(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from .. import checkpoints as ck
 from .. import prune, runlock
-from .common import console, err_console, handle_errors
+from .common import console, err_console, fail, handle_errors
 
 app = typer.Typer(
     name="checkpoints",
@@ -43,7 +44,7 @@ def _list_table(found: list[ck.CheckpointInfo]) -> Table:
     for name, justify in (("checkpoint", "left"), ("step", "right"), ("saved", "left"), ("size", "right"),
                           ("EMA", "left"), ("loss", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    table.add_column("status")
+    table.add_column("status", overflow="fold")  # a narrow terminal wraps the reason instead of cutting file names
     for info in found:
         loss = f"{info.loss:.4f}" if info.loss is not None else "-"
         ema = ("yes" if info.has_ema else "no") if info.complete else "-"
@@ -70,9 +71,9 @@ def _plan_table(plan: prune.PrunePlan) -> Table:
 def list_cmd(run_dir: RunDirArg) -> None:
     """Show a run's checkpoints: step, time, size, EMA or not, loss at save; damaged ones say why."""
     prune.check_run_dir(run_dir)
-    found = ck.list_checkpoints(run_dir)
+    found = ck.list_checkpoints(run_dir, verify_hashes=True)  # "ok" and "resume uses" must mean what resume finds
     if not found:
-        console.print(f"{run_dir} holds no checkpoint", highlight=False)
+        console.print(f"{run_dir} holds no checkpoint", highlight=False, soft_wrap=True)
         return
     console.print(_list_table(found), soft_wrap=True)
     good = [c for c in found if c.complete]
@@ -83,6 +84,11 @@ def list_cmd(run_dir: RunDirArg) -> None:
     if aside.is_dir() and any(aside.iterdir()):
         console.print(f"{aside} holds the checkpoints a resume from an older step set aside (not listed above)",
                       highlight=False, soft_wrap=True)
+
+
+def _stdin_is_terminal() -> bool:
+    """Whether a confirmation question can be answered (not when stdin is a pipe or /dev/null)."""
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 @app.command("prune")
@@ -97,10 +103,10 @@ def prune_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only show what would be deleted")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="delete without asking")] = False,
 ) -> None:
-    """Delete old checkpoints: shows the plan first, then asks (or --yes); never deletes the newest."""
+    """Delete old checkpoints: shows the plan first, then asks (or --yes, needed without a terminal); never deletes the newest."""
     plan = prune.plan_prune(run_dir, keep, keep_every)
     if not plan.keep and not plan.remove:
-        console.print(f"{run_dir} holds no checkpoint", highlight=False)
+        console.print(f"{run_dir} holds no checkpoint", highlight=False, soft_wrap=True)
         return
     console.print(_plan_table(plan), soft_wrap=True)
     if not plan.remove:
@@ -112,6 +118,9 @@ def prune_cmd(
         console.print("dry run: nothing deleted", highlight=False)
         return
     runlock.ensure_not_in_use(run_dir)  # before asking; execute_prune holds the lock while it deletes
+    if not yes and not _stdin_is_terminal():  # a script or cron job: there is nobody to ask
+        raise fail("nothing deleted: stdin is not a terminal, so there is nobody to confirm; pass --yes to delete "
+                   "without asking (or --dry-run to only look)")
     if not yes:
         if not typer.confirm("Delete them?", default=False, err=True):
             err_console.print("nothing deleted", highlight=False)
