@@ -25,6 +25,7 @@ help:  ## list the targets and the variables they use
 	@echo "variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) GEN=$(GEN) NAME=$(NAME)"
 	@echo "           CHECKPOINT=$(CHECKPOINT) OUT=$(OUT) NUM=$(NUM) FORCE=$(FORCE) TORCH_SPEC='$(TORCH_SPEC)'"
 	@echo "example:   make train CONFIG=configs/celeba_128_m3_ultra.yaml DATA=./celeb_hq_128 NAME=faces"
+	@echo "           make resume with the same variables continues that run"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +52,11 @@ train: $(STAMP)
 	$(BIN)/ddpmctl train --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
 		$(if $(DATA),--path-to-data $(DATA)) $(if $(NAME),--experiment-name $(NAME))
 
-resume: $(STAMP)
-	$(BIN)/ddpmctl resume --working-directory $(WORK) $(if $(NAME),--experiment-name $(NAME))
+# The same variables as `make train`: the run's name comes from CONFIG (or NAME), and DATA/GEN, given to train
+# as overrides of CONFIG, must override it here too, or CONFIG's values would replace those in the run's config.yaml.
+resume: $(STAMP)  ## continue the run that `make train` with the same variables started
+	$(BIN)/ddpmctl resume --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
+		$(if $(DATA),--path-to-data $(DATA)) $(if $(NAME),--experiment-name $(NAME))
 
 sample: $(STAMP)
 	$(BIN)/ddpmctl sample --checkpoint $(CHECKPOINT) --out $(OUT) --num $(NUM) --grid $(if $(FORCE),--force)

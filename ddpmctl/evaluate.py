@@ -82,10 +82,11 @@ def download_inception(url: str, path: Path) -> None:
         raise EvaluationError(f"the download of {url} is damaged ({str(exc).splitlines()[0]}); try again") from None
 
 
-def verified_state_dict(path: Path, url: str) -> dict[str, torch.Tensor]:
+def verified_state_dict(path: Path, url: str, given: bool = False) -> dict[str, torch.Tensor]:
     """The weights in ``path``, after checking its SHA-256 prefix and loading it with ``weights_only=True``.
 
-    Nothing but tensors is ever unpickled: a file holding anything else is refused, not executed.
+    Nothing but tensors is ever unpickled: a file holding anything else is refused, not executed. ``given``:
+    the user passed ``path`` (--inception-weights), so it is no damaged download of ours to delete.
     """
     expected = inception_hash_prefix(url)
     why = ""
@@ -98,6 +99,9 @@ def verified_state_dict(path: Path, url: str) -> dict[str, torch.Tensor]:
             state, why = None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not why and not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
             why = "it holds no state dict of tensors"
+    if why and given:  # maybe a file of the user's own (another model): never suggest deleting it
+        raise EvaluationError(f"--inception-weights {path} is not the Inception weights file ({why[:200]}); pass the "
+                              f"file downloaded from {url}, or leave out --inception-weights to download it")
     if why:
         raise EvaluationError(f"{path} is not the Inception weights file ({why[:200]}); delete it and download {url} again")
     return state
@@ -153,7 +157,7 @@ def load_inception(weights: str | Path | None = None) -> nn.Module:
         raise EvaluationError(f"--inception-weights {path} does not exist; it is the file {url}")
     if not path.is_file():
         download_inception(url, path)
-    return inception_from_state_dict(verified_state_dict(path, url))
+    return inception_from_state_dict(verified_state_dict(path, url, given=bool(weights)))
 
 
 def extractor_id(extractor: nn.Module) -> str:
@@ -227,7 +231,8 @@ def reference_features(
         raise DataError(f"--data {root} is not a folder of images")
     dataset = ImageFolderDataset(root, img_size)
     if len(dataset) < 2:
-        raise DataError(f"--data {root} holds {len(dataset)} image(s); FID and KID need at least 2")
+        raise DataError(f"--data {root} holds {len(dataset)} image{'' if len(dataset) == 1 else 's'}; FID and KID "
+                        "need at least 2")
     key = reference_key(list(dataset.files), root, img_size, extractor_key or extractor_id(extractor))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = cache / f"{key}.safetensors"

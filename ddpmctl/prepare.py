@@ -39,6 +39,7 @@ PACK_FILE = "packed.npy"
 FORMAT = "ddpmctl-prepared"
 VERSION = 2  # 2: embedded ICC colour profiles converted to sRGB (version 1 sets are converted again once)
 SMALL_POLICIES = ("upscale", "skip")
+SMALL_DONE = {"upscale": "upscaled", "skip": "skipped"}  # what each policy did, for the report
 
 ProgressFn = Callable[[str, int, int], None]  # (phase: "scan" | "convert" | "pack", done, total; total 0 = unknown)
 
@@ -54,6 +55,15 @@ class Settings:
     crop: str = "center"  # center: fill the square, cut the overflow; pad: keep the whole image, pad the sides
     small: str = "upscale"  # images smaller than size: upscale them, or skip them
     background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels, and the padding colour
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
+def _left(n: int) -> str:
+    return "was left as it is" if n == 1 else "were left as they are"
 
 
 def _sha256(data: bytes) -> str:
@@ -228,7 +238,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     progress("scan", len(sources), len(sources))
     if not sources and old_images:  # an empty SRC (a drive that is not mounted?) must not wipe the prepared set
         raise DataError(f"no images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                        f"recursively); the {len(old_images)} images prepared in {dst} were left as they are")
+                        f"recursively); the {_count(len(old_images), 'image')} prepared in {dst} {_left(len(old_images))}")
     result = PrepareResult(dst=dst, settings=settings)
 
     # Sources whose size and mtime are unchanged, and whose output still exists, need no work at all;
@@ -315,9 +325,9 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     result.report.write_text(format_report(src, result))
     result.seconds = time.perf_counter() - started
     if result.count == 0:
-        why = (f"{len(result.rejected)} file(s) could not be read, {len(result.small)} skipped as smaller than {size}px"
-               if sources else f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively")
-        kept = (f"; the {len(old_images)} images prepared in {dst} before were left as they are"
+        why = (f"{_count(len(result.rejected), 'file')} could not be read, {len(result.small)} skipped as smaller "
+               f"than {size}px" if sources else f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively")
+        kept = (f"; the {_count(len(old_images), 'image')} prepared in {dst} before {_left(len(old_images))}"
                 if keep_old and old_images else "")
         raise DataError(f"no usable image in {src} ({why}); details in {result.report}{kept}")
     return result
@@ -395,11 +405,12 @@ def format_report(src: Path, r: PrepareResult) -> str:
     lines = [
         "ddpmctl prepare report",
         f"source: {src}",
-        f"settings: size {s.size}px, crop {s.crop}, small images {s.small}d, background {s.background}",
-        f"prepared set: {r.count} images ({r.converted} converted now, {r.unchanged} unchanged, {r.removed} removed)",
+        f"settings: size {s.size}px, crop {s.crop}, small images {SMALL_DONE[s.small]}, background {s.background}",
+        f"prepared set: {_count(r.count, 'image')} ({r.converted} converted now, {r.unchanged} unchanged, "
+        f"{r.removed} removed)",
         f"packed array: {r.pack.name if r.pack else 'none'}",
         "",
-        f"smaller than {s.size}px ({'upscaled' if s.small == 'upscale' else 'skipped'}): {len(r.small)}",
+        f"smaller than {s.size}px ({SMALL_DONE[s.small]}): {len(r.small)}",
         *(f"  {rel}" for rel in r.small),
         "",
         f"skipped, could not be used: {len(r.rejected)}",

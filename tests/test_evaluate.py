@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 import ddpmctl.evaluate as ev
@@ -245,3 +246,23 @@ def test_a_file_with_the_wrong_hash_is_refused_before_loading(tmp_path, monkeypa
     monkeypatch.setattr(torch, "load", lambda *_a, **_k: pytest.fail("loaded a file with the wrong hash"))
     with pytest.raises(ev.EvaluationError, match="SHA-256 does not start with 6726825d"):
         ev.load_inception(wrong)
+
+
+def test_a_wrong_file_passed_as_inception_weights_is_not_called_a_damaged_download(tiny_run, tiny_images, tmp_path):
+    theirs = tmp_path / "my_own_model.pth"  # maybe precious: never suggest deleting it
+    torch.save({"w": torch.zeros(1)}, theirs)
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tiny_run), "--data", str(tiny_images), "--num", "4",
+                                 "--inception-weights", str(theirs), "--device", "cpu"])
+    assert_one_line_error(result, f"Error: --inception-weights {theirs} is not the Inception weights file (its SHA-256 "
+                                  f"does not start with 6726825d); pass the file downloaded from {ev.inception_url()}, "
+                                  "or leave out --inception-weights to download it")
+    assert "delete" not in result.output
+
+
+def test_a_wrong_file_in_the_download_cache_is_to_be_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    cached = ev.default_inception_path()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"half a download")
+    with pytest.raises(ev.EvaluationError, match=f"^{cached} is not the Inception weights file .*; delete it and download"):
+        ev.load_inception()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -131,12 +132,12 @@ def test_every_good_image_becomes_rgb_n_by_n(prepared):
 def test_bad_files_are_skipped_and_named_with_reasons(prepared):
     _, dst, output = prepared
     report = (dst / REPORT).read_text()
-    assert f"{len(BAD)} file(s) skipped" in output
+    assert f"{len(BAD)} files skipped" in output
     for name, reason in BAD.items():
         line = next(ln for ln in report.splitlines() if ln.strip().startswith(f"{name}:"))
         assert reason in line, line
         assert name in output
-    assert "1 image(s) smaller than 16px were upscaled" in output and "small.png" in report
+    assert "1 image smaller than 16px was upscaled (it may look soft)" in output and "small.png" in report
 
 
 def test_exif_orientation_applied(prepared):
@@ -283,7 +284,8 @@ def test_raw_folder_still_works_with_a_hint(tiny_images):
 def test_train_refuses_a_prepared_folder_of_another_size(tmp_path, tiny_images):
     dst = tmp_path / "dst"
     assert run("prepare", tiny_images, dst, "--size", N, "--pack", "--workers", 1).exit_code == 0
-    result = run("train", *tiny_args(dst, tmp_path, steps=2, img_size=32))
+    # attention at 16 px: 8 is no stage of a 32 px model with two stages (config.validate refuses it)
+    result = run("train", *tiny_args(dst, tmp_path, steps=2, img_size=32, attention_resolutions=16))
     assert result.exit_code == 1
     assert "prepared at 16px but --img-size is 32" in result.output
 
@@ -446,3 +448,44 @@ def test_prepare_converts_p3_photos_and_redoes_sets_made_before_colour_managemen
     assert (again.converted, again.unchanged) == (2, 0)
     assert json.loads((dst / MANIFEST).read_text())["version"] == 2
     assert prepare(src, dst, N, workers=1).unchanged == 2
+
+
+def test_stdout_holds_no_blank_line_and_an_error_nothing(tmp_path):
+    # Not on a terminal the (transient) progress bar shows nothing: rich used to end it with a blank line on stdout.
+    failed = run("prepare", tmp_path / "nope", tmp_path / "dst", "--size", N)
+    assert failed.exit_code == 1 and failed.stdout == "", repr(failed.stdout)
+    assert failed.stderr == f"Error: source folder {tmp_path / 'nope'} does not exist: pass the folder that holds your images\n"
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(N, N).save(src / "a.png")
+    done = run("prepare", src, tmp_path / "out", "--size", N)
+    assert done.exit_code == 0 and done.stdout.startswith("1 image of ") and "" not in done.stdout.splitlines()
+
+
+def test_counts_and_the_report_read_right_for_one(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(2 * N, 2 * N).save(src / "big.png")
+    noise(N // 2, N // 2, seed=1).save(src / "small.png")
+    (src / "junk.png").write_bytes(b"not a png")
+    result = run("prepare", src, tmp_path / "dst", "--size", N, "--small", "skip", "--workers", 1)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps at 80 columns here
+    assert text.startswith(f"1 image of {N}x{N} in ")
+    assert re.search(r": 1 converted \(\d+/s on 1 process\), 0 unchanged, 0 removed "
+                     rf"1 image smaller than {N}px was skipped \(--small skip\) 1 file skipped: junk.png", text), text
+    report = (tmp_path / "dst" / REPORT).read_text().splitlines()
+    assert report[2].endswith(", small images skipped, background (255, 255, 255)")
+    assert report[3] == "prepared set: 1 image (1 converted now, 0 unchanged, 0 removed)"
+
+
+def test_ctrl_c_keeps_what_was_converted_and_says_so_on_stderr(tmp_path, monkeypatch):
+    from ddpmctl.cli import prepare as prepare_cli
+
+    def ctrl_c(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_cli, "prepare", ctrl_c)
+    result = run("prepare", tmp_path, tmp_path / "dst", "--size", N)
+    assert (result.exit_code, result.stdout) == (130, "")
+    assert result.stderr == "interrupted: the images converted so far are kept; run the same command again to continue\n"

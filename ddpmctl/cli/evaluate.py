@@ -14,16 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..evaluate import EvaluationError, default_inception_path, evaluate
 from ..inference import SampleProgress, load_model
 from .common import console, err_console, handle_errors
+from .options import DeviceOpt, PrecisionOpt, SamplerOpt, plain_help
 from .sample import (
     BatchSizeOpt,
     CheckpointOpt,
     CompileOpt,
     CudaGraphOpt,
-    DeviceOpt,
     EtaOpt,
     NoEmaOpt,
-    PrecisionOpt,
-    SamplerOpt,
     SeedOpt,
     StepsOpt,
     check_sampler_options,
@@ -48,7 +46,8 @@ def evaluate_cmd(
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="the Inception weights file, when it cannot be downloaded")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
-        "--cache-dir", help="where reference features are cached [default: ~/.cache/ddpmctl/reference-features]")] = None,
+        "--cache-dir", help=plain_help("where reference features are cached "
+                                       "[default: ~/.cache/ddpmctl/reference-features]"))] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
@@ -70,8 +69,10 @@ def evaluate_cmd(
     show.print(f"evaluating {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}): "
                f"{num} samples against {data}", highlight=False)
     with contextlib.ExitStack() as stack:
+        # disable: not on a terminal the transient bar shows nothing, yet rich would end it with a blank line.
         ref_bar = stack.enter_context(Progress(TextColumn("reference features"), BarColumn(), MofNCompleteColumn(),
-                                               TimeRemainingColumn(), console=show, transient=True))
+                                               TimeRemainingColumn(), console=show, transient=True,
+                                               disable=not show.is_interactive))
         ref_task = ref_bar.add_task("reference", total=None)
         sample_bar: list[Callable[[SampleProgress], None]] = []
 

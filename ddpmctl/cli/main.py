@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
-import typer
+STARTING = "interrupted before the command started; nothing was done"
 
-from .. import __version__
-from .checkpoints import app as checkpoints_app
-from .doctor import doctor_cmd
-from .evaluate import evaluate_cmd
-from .options import UNDERSCORE_ALIASES
-from .prepare import prepare_cmd
-from .sample import sample_cmd
-from .train import resume_cmd, train_cmd
+try:  # the command modules import torch and more (seconds on a cold start): Ctrl-C meanwhile is no crash
+    import typer
+
+    from .. import __version__
+    from .checkpoints import app as checkpoints_app
+    from .doctor import doctor_cmd
+    from .evaluate import evaluate_cmd
+    from .options import UNDERSCORE_ALIASES
+    from .prepare import prepare_cmd
+    from .sample import sample_cmd
+    from .train import resume_cmd, train_cmd
+except KeyboardInterrupt:
+    sys.stderr.write(f"{STARTING}\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     name="ddpmctl",
@@ -51,4 +58,8 @@ app.command("doctor", context_settings=UNDERSCORE_ALIASES)(doctor_cmd)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # while Typer builds the command line, before any command runs
+        sys.stderr.write(f"{STARTING}\n")
+        raise SystemExit(130) from None

@@ -3,6 +3,9 @@
 Each option is declared in kebab-case (``--batch-size``); :data:`UNDERSCORE_ALIASES` makes the
 commands accept the original script's underscore spelling (``--batch_size``) too. Values arrive as
 text and are parsed with the field's declared type.
+
+Help texts are escaped: Typer renders them as rich markup, where the ``[wandb]`` of
+``pip install 'ddpmctl[wandb]'`` would be taken for a style tag and vanish.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
+import typer.core
+from rich.markup import escape
 
-from ..config import FieldSpec, field_specs
+from ..config import FieldSpec, field_specs, parse_value, spec_by_name
+from ..errors import ConfigError
 
 CONFIG_PARAM = "config"
 
@@ -35,13 +41,48 @@ def _metavar(spec: FieldSpec) -> str:
     return {int: "INTEGER", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
 
 
+def plain_help(text: str) -> str:
+    """``text`` shown as written in ``--help``: Typer reads help as rich markup, where ``[wandb]`` is a tag."""
+    return escape(text) if typer.core.DEFAULT_MARKUP_MODE == "rich" else text  # TYPER_USE_RICH=0: plain text
+
+
 def _help(spec: FieldSpec) -> str:
     default = spec.default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
     if spec.type is bool:
-        return spec.help
-    return f"{spec.help} (default: {default if default is not None else 'none'})"
+        return plain_help(spec.help)
+    return plain_help(f"{spec.help} (default: {default if default is not None else 'none'})")
+
+
+def value_parser(spec: FieldSpec) -> Callable[[str], str]:
+    """Check a command-line value against the field's type while Typer parses the command line.
+
+    A bad value (``--batch-size abc``) is then a usage error (exit 2, Typer's message naming the option)
+    like any other option's. The text itself is passed on: the config parses it again, as it does the same
+    value from a YAML file, where a bad one is a user error (exit 1).
+    """
+
+    def parse(raw: str) -> str:
+        try:
+            parse_value(spec.type, raw, spec.name)
+        except ConfigError as exc:  # "batch_size must be ...": Typer's message names the option already
+            raise typer.BadParameter(str(exc).removeprefix(f"{spec.name} ")) from None
+        return raw
+
+    return parse
+
+
+def _schema_option(name: str, help_text: str) -> Any:
+    """An option of ``sample``/``evaluate`` taking one of the choices its config field declares."""
+    spec = spec_by_name()[name]
+    return typer.Option(f"--{name}", help=plain_help(help_text), metavar=_metavar(spec), parser=value_parser(spec))
+
+
+# Options of `sample` and `evaluate` whose values the config schema knows: checked as the command line is parsed.
+SamplerOpt = Annotated[str, _schema_option("sampler", "ddpm (all timesteps), ddim or dpmpp2m")]
+DeviceOpt = Annotated[str, _schema_option("device", "auto, cuda, mps or cpu")]
+PrecisionOpt = Annotated[str, _schema_option("precision", "auto, fp32, bf16 or fp16")]
 
 
 def config_parameters(panel_by_section: bool = True) -> list[inspect.Parameter]:
@@ -64,7 +105,8 @@ def config_parameters(panel_by_section: bool = True) -> list[inspect.Parameter]:
         else:
             decls = [f"--{kebab}"]
             annotation = Annotated[Optional[str], typer.Option(
-                *decls, help=_help(spec), metavar=_metavar(spec), show_default=False, rich_help_panel=panel)]
+                *decls, help=_help(spec), metavar=_metavar(spec), parser=value_parser(spec), show_default=False,
+                rich_help_panel=panel)]
         params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=annotation))
     return params

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from ..images import CROPS, parse_color
 from ..prepare import SMALL_POLICIES, prepare
-from .common import console, handle_errors
+from .common import console, handle_errors, interrupted, plural
 
 PHASES = {"scan": "scanning", "convert": "converting", "pack": "packing"}
 SHOWN = 10  # skipped files named on screen; all of them are in report.txt
@@ -42,8 +42,9 @@ def prepare_cmd(
         raise typer.BadParameter(f"must be one of {', '.join(SMALL_POLICIES)}", param_hint="--small")
     color = parse_color(background)
     workers = workers or os.cpu_count() or 1
+    # Not on a terminal the bar shows nothing (it is transient), yet rich would end it with a blank line on stdout.
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, disable=not console.is_interactive) as progress:
         tasks: dict[str, TaskID] = {}
 
         def on_progress(phase: str, done: int, total: int) -> None:
@@ -56,18 +57,21 @@ def prepare_cmd(
                              force=force, on_progress=on_progress)
         except KeyboardInterrupt:
             progress.stop()
-            console.print("interrupted: the images converted so far are kept; run the same command again to "
-                          "continue", highlight=False)
-            raise typer.Exit(130) from None
+            raise interrupted("interrupted: the images converted so far are kept; run the same command again to "
+                              "continue") from None
 
-    rate = f" ({result.converted / result.seconds:.0f}/s on {workers} processes)" if result.converted else ""
-    console.print(f"[bold]{result.count}[/] images of {size}x{size} in {result.dst}: {result.converted} converted"
-                  f"{rate}, {result.unchanged} unchanged, {result.removed} removed", highlight=False)
+    rate = (f" ({result.converted / result.seconds:.0f}/s on {workers} {plural(workers, 'process', 'processes')})"
+            if result.converted else "")
+    console.print(f"[bold]{result.count}[/] {plural(result.count, 'image')} of {size}x{size} in {result.dst}: "
+                  f"{result.converted} converted{rate}, {result.unchanged} unchanged, {result.removed} removed",
+                  highlight=False)
     if result.small:
-        what = "upscaled (they may look soft)" if result.settings.small == "upscale" else "skipped (--small skip)"
-        console.print(f"[yellow]{len(result.small)} image(s) smaller than {size}px were {what}[/]", highlight=False)
+        n = len(result.small)
+        what = (f"{plural(n, 'was', 'were')} upscaled ({plural(n, 'it', 'they')} may look soft)"
+                if result.settings.small == "upscale" else f"{plural(n, 'was', 'were')} skipped (--small skip)")
+        console.print(f"[yellow]{n} {plural(n, 'image')} smaller than {size}px {what}[/]", highlight=False)
     if result.rejected:
-        console.print(f"[yellow]{len(result.rejected)} file(s) skipped:[/]", highlight=False)
+        console.print(f"[yellow]{len(result.rejected)} {plural(len(result.rejected), 'file')} skipped:[/]", highlight=False)
         for rel, reason in result.rejected[:SHOWN]:
             console.print(f"  {rel}: {reason}", highlight=False, soft_wrap=True)
         if len(result.rejected) > SHOWN:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import config as config_mod
 from ..engine import train
 from ..errors import TrainingStopped
 from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
-from .common import console, err_console, fail, handle_errors
+from ..interrupts import StopFlag
+from .common import console, err_console, handle_errors, interrupted, plural
 from .options import with_config_options
+
+NOT_STARTED = "interrupted before training started; nothing was saved"
 
 
 def _duration(seconds: float) -> str:
@@ -46,10 +52,11 @@ class TrainDisplay:
                 f"({event.precision}), world size {event.world_size}, effective batch {event.effective_batch}, "
                 f"{what} {event.start_step} of {event.total_steps}", highlight=False, soft_wrap=True,
             )  # soft_wrap: one line in log files too, so `grep "world size"` finds it
-            console.print(f"data: {event.data}", highlight=False)
-            console.print(f"run folder: {event.run_dir}", highlight=False)
+            # soft_wrap here and below: paths and commands stay whole in log files, to copy
+            console.print(f"data: {event.data}", highlight=False, soft_wrap=True)
+            console.print(f"run folder: {event.run_dir}", highlight=False, soft_wrap=True)
             for note in event.notes:
-                console.print(f"[yellow]note:[/] {note}", highlight=False)
+                console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
             self.progress.start()
             self.task = self.progress.add_task(
                 "training", total=event.total_steps, completed=event.start_step, loss="-", lr="-", speed="-", eta="-")
@@ -64,17 +71,18 @@ class TrainDisplay:
         elif isinstance(event, GridSaved):
             self.progress.update(self.task, description="training")
             loss = f", loss {self.last.loss:.4f}, {self.last.images_per_sec:,.0f} img/s" if self.last else ""
-            self.progress.console.print(f"step {event.step}{loss}: grid {event.path}", highlight=False)
+            self.progress.console.print(f"step {event.step}{loss}: grid {event.path}", highlight=False, soft_wrap=True)
         elif isinstance(event, CheckpointSaved):
             gone = f" (removed {', '.join(Path(p).name for p in event.removed)})" if event.removed else ""
-            self.progress.console.print(f"step {event.step}: saved {event.path}{gone}", highlight=False)
+            self.progress.console.print(f"step {event.step}: saved {event.path}{gone}", highlight=False, soft_wrap=True)
         elif isinstance(event, Note):
-            self.progress.console.print(f"[yellow]note:[/] {event.text}", highlight=False)
+            self.progress.console.print(f"[yellow]note:[/] {event.text}", highlight=False, soft_wrap=True)
         elif isinstance(event, TrainFinished):
             self.stop()
             console.print(
-                f"[green]done[/]: {event.step} steps in {_duration(event.elapsed)} "
+                f"[green]done[/]: {event.step} {plural(event.step, 'step')} in {_duration(event.elapsed)} "
                 f"({event.images_per_sec:,.1f} img/s overall); last checkpoint {event.checkpoint}", highlight=False,
+                soft_wrap=True,
             )
 
     def stop(self) -> None:
@@ -92,41 +100,69 @@ def _resume_hint(cfg: config_mod.Config) -> str:
 
 def run_training(cfg: config_mod.Config) -> None:
     display = TrainDisplay()
+    stop = StopFlag()  # set by the engine's handler: tells a second Ctrl-C from one before the handler was in place
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank stops together; rank 0 says why
     try:
-        train(cfg, display)
+        train(cfg, display, stop)
     except TrainingStopped as exc:
         display.stop()
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank stops together; rank 0 says why
+        if not main_rank:
             raise typer.Exit(exc.exit_code) from None
-        if exc.exit_code == 130:
-            err_console.print(f"[yellow]{exc}[/]", highlight=False)
-            err_console.print(f"resume with: {_resume_hint(cfg)}", highlight=False)
-            raise fail("training was interrupted", 130) from None
+        if exc.exit_code == 130 and exc.checkpoint:
+            # A clean stop saved its checkpoint: no Error line after it, the resume command ends the output.
+            # soft_wrap: a log file (80 columns, not a terminal) keeps the command on one line, to copy.
+            err_console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"resume with: {escape(_resume_hint(cfg))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         raise
-    except KeyboardInterrupt:  # a second Ctrl-C: the engine stopped at once, discarding any half-written save
+    except KeyboardInterrupt:
         display.stop()
-        if int(os.environ.get("RANK", "0")) == 0:
-            err_console.print("stopped at once (second Ctrl-C): steps since the last complete checkpoint are "
-                              f"lost; resume with: {_resume_hint(cfg)}", highlight=False, soft_wrap=True)
+        if not main_rank:
+            raise typer.Exit(130) from None
+        if not stop.requested and display.task is None:  # before the engine's own handler was installed
+            raise interrupted(NOT_STARTED) from None
+        # A second Ctrl-C: the engine stopped at once, discarding any half-written save.
+        err_console.print("stopped at once (second Ctrl-C): steps since the last complete checkpoint are "
+                          f"lost; resume with: {escape(_resume_hint(cfg))}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     finally:
         display.stop()
 
 
+@contextlib.contextmanager
+def _before_training() -> Iterator[None]:
+    """A Ctrl-C while the run is resolved (before the engine's handler saves anything) stops with one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise interrupted(NOT_STARTED) from None
+
+
 @handle_errors
 def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
     """Train a new run (or, with --resume-from-checkpoint, continue one as the original script did)."""
-    if overrides.get("resume_from_checkpoint"):
-        cfg = config_mod.resolve_for_resume(config_file, overrides)
-    else:
+    with _before_training():
         cfg = config_mod.resolve(config_file, overrides)
+        which = cfg.training.resume_from_checkpoint
+        if which == "latest" and not (cfg.run_dir / "config.yaml").is_file():
+            # As in the accelerate/diffusers scripts the original followed: 'latest' with no run yet starts one, so a
+            # job script that always passes it works on its first submission. (Under torchrun every rank looks
+            # before rank 0 can write config.yaml: they all join the process group first.)
+            cfg = config_mod.apply_overrides(cfg, {"resume_from_checkpoint": None})
+            if int(os.environ.get("RANK", "0")) == 0:
+                console.print(f"[yellow]note:[/] no run at {escape(str(cfg.run_dir))} to resume from 'latest': "
+                              "starting a new one", highlight=False, soft_wrap=True)
+        elif which:
+            cfg = config_mod.resolve_for_resume(config_file, overrides)
     run_training(cfg)
 
 
 @handle_errors
 def resume_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
     """Continue a run from its latest (or --resume-from-checkpoint) checkpoint; config.yaml has the rest."""
-    run_training(config_mod.resolve_for_resume(config_file, overrides))
+    with _before_training():
+        cfg = config_mod.resolve_for_resume(config_file, overrides)
+    run_training(cfg)
 
 
 train_cmd = with_config_options(train_command)
