@@ -8,8 +8,19 @@ The library never prints; the ``ddpmctl`` command renders its events. Public sur
 __version__ = "0.1.0"
 
 from .config import Config, load_yaml, resolve  # noqa: E402
-from .diffusion import Schedule  # noqa: E402
-from .model import UNet  # noqa: E402
+
+
+def __getattr__(name: str):
+    """``Schedule`` and ``UNet`` on first use: ``import ddpmctl`` (every command's start) does not wait for torch."""
+    if name == "Schedule":
+        from .diffusion import Schedule
+
+        return Schedule
+    if name == "UNet":
+        from .model import UNet
+
+        return UNet
+    raise AttributeError(f"module 'ddpmctl' has no attribute {name!r}")
 
 
 def train(*args, **kwargs):

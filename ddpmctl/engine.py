@@ -190,6 +190,11 @@ class _Trainer:
                     f"{self.cfg.run.working_directory}' or pick a new --experiment-name"
                 )
             return None, []
+        if which == "latest" and not checkpoints.list_checkpoints(self.run_dir):
+            # Stopped (or killed) before its first save: nothing to lose, so resuming is starting over, as a
+            # requeued job expects. Damaged checkpoint folders are another matter: resolve_checkpoint says why.
+            return None, [f"{self.run_dir.name} has no checkpoint yet (it stopped before its first save): "
+                          "starting from step 0"]
         return checkpoints.resolve_checkpoint(self.run_dir, which)
 
     def setup(self) -> None:

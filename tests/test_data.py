@@ -22,3 +22,21 @@ def test_a_broken_file_is_skipped_with_one_warning_not_one_per_epoch(tmp_path: P
     assert [tuple(x.shape) for x in images] == [(3, 8, 8), (3, 8, 8)]  # b.png's place is taken by a.png
     assert [(w.category, str(w.message).split(" (")[0]) for w in caught] == [
         (DdpmctlWarning, f"skipping unreadable image {tmp_path / 'b.png'}")]
+
+
+def test_the_cli_shows_it_as_one_warning_line(tmp_path: Path, tiny_images: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import tiny_args
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_images, data)
+    (data / "broken.png").write_bytes(b"not a png")
+    run = subprocess.run([sys.executable, "-m", "ddpmctl", "train", *tiny_args(data, tmp_path, steps=12)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "broken.png" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: skipping unreadable image {data / 'broken.png'} ("), run.stderr
+    assert "UserWarning" not in run.stderr and "DdpmctlWarning" not in run.stderr

@@ -238,14 +238,14 @@ def test_resume_error_messages(data: Path, tmp_path: Path) -> None:
         train(config_mod.resolve(None, opts), on_event, flag)
     shutil.rmtree(work / "early" / "checkpoint_2")  # as if killed before the save
     where = ["--experiment-name", "early", "--working-directory", str(work)]
-    result = runner.invoke(app, ["resume", *where])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "no usable checkpoint" in result.output and "holds no checkpoint yet" in " ".join(result.output.split())
+    result = runner.invoke(app, ["resume", *where, "--num-training-steps", "4"])  # nothing saved: it starts over
+    assert result.exit_code == 0, result.output
+    assert "early has no checkpoint yet (it stopped before its first save): starting from step 0" in (
+        " ".join(result.output.split()))
+    assert [s for s, _ in losses(work / "early")] == [1, 2, 3, 4]  # the first attempt's rows are gone
 
     result = runner.invoke(app, ["resume", "--experiment-name", "ghost", "--working-directory", str(work)])
     assert result.exit_code == 1 and f"runs in {work}: early" in " ".join(result.output.split())
-    train(config_mod.resolve(None, {**opts, "num_training_steps": 4}))  # starting again is allowed
-    assert [s for s, _ in losses(work / "early")] == [1, 2, 3, 4]  # the first attempt's rows are gone
     result = runner.invoke(app, ["resume", *where, "--resume-from-checkpoint", "checkpoint_99"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     text = " ".join(result.output.split())

@@ -12,6 +12,7 @@ from rich.table import Table
 from .. import config as config_mod
 from ..doctor import DEFAULT_CHANNELS, DEFAULT_IMG_SIZES, DoctorReport, run_doctor
 from .common import console, err_console, handle_errors
+from .options import plain_help
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "info"}
 
@@ -111,9 +112,10 @@ def render(report: DoctorReport) -> None:
 
 @handle_errors
 def doctor_cmd(
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=8, help="image size to probe [default: 128]")] = None,
-    starting_channels: Annotated[Optional[int], typer.Option("--starting-channels", min=1,
-                                                             help="starting channels to probe [default: 128]")] = None,
+    img_size: Annotated[Optional[int], typer.Option(
+        "--img-size", min=8, help=plain_help("image size to probe [default: 128]"))] = None,
+    starting_channels: Annotated[Optional[int], typer.Option(
+        "--starting-channels", min=1, help=plain_help("starting channels to probe [default: 128]"))] = None,
     config: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="YAML training config to probe")] = None,
     num_training_steps: Annotated[Optional[int], typer.Option("--num-training-steps", min=1,
                                                               help="steps for the wall-time estimate")] = None,

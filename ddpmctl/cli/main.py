@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Optional
 
 STARTING = "interrupted before the command started; nothing was done"
@@ -11,6 +12,7 @@ try:  # the command modules import torch and more (seconds on a cold start): Ctr
     import typer
 
     from .. import __version__
+    from ..errors import DdpmctlWarning
     from .checkpoints import app as checkpoints_app
     from .doctor import doctor_cmd
     from .evaluate import evaluate_cmd
@@ -57,7 +59,19 @@ app.add_typer(checkpoints_app, name="checkpoints")
 app.command("doctor", context_settings=UNDERSCORE_ALIASES)(doctor_cmd)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """ddpmctl's own warnings as one ``warning: ...`` line (also in forked loader workers); others as Python shows them."""
+    if issubclass(category, DdpmctlWarning):
+        (file or sys.stderr).write(f"warning: {message}\n")
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = show_warning
     try:
         app()
     except KeyboardInterrupt:  # while Typer builds the command line, before any command runs

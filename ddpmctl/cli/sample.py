@@ -21,18 +21,17 @@ from rich.progress import (
 from ..errors import ConfigError
 from ..inference import LoadedModel, SampleProgress, earlier_outputs, generate, load_model
 from ..sampling import SAMPLERS
-from .common import console, handle_errors
+from .common import console, handle_errors, plural
+from .options import DeviceOpt, PrecisionOpt, SamplerOpt, plain_help
 
 # Options shared with `ddpmctl evaluate`.
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="ddpm (all timesteps), ddim or dpmpp2m")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="denoising steps for ddim/dpmpp2m [default: 50]")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+    "--steps", min=1, help=plain_help("denoising steps for ddim/dpmpp2m [default: 50]"))]
 EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="the same seed gives the same images on the same device")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images denoised at once (halved if memory runs out)")]
 NoEmaOpt = Annotated[bool, typer.Option("--no-ema", help="use the raw weights instead of the EMA weights")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the network (CUDA: CUDA graphs, mode reduce-overhead): the first batch waits "
                       "for the compilation (a minute or more), later batches run faster; on the CPU it works too, "
@@ -52,7 +51,7 @@ def sample_cmd(
         "--grid", help="also write progression.png (noise to image, a row per sample) and samples.png (all tiled)")] = False,
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
     plot_freq_interval: Annotated[Optional[int], typer.Option(
-        "--plot-freq-interval", min=1, help="with --grid: timesteps between columns [default: the run's]")] = None,
+        "--plot-freq-interval", min=1, help=plain_help("with --grid: timesteps between columns [default: the run's]"))] = None,
     sampler: SamplerOpt = "ddpm",
     steps: StepsOpt = None,
     eta: EtaOpt = 0.0,
@@ -75,14 +74,15 @@ def sample_cmd(
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     steps = check_steps(steps, loaded, sampler)
-    console.print(f"sampling {num} images from {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}) "
-                  f"on {loaded.device}, batches of {min(batch_size, num)}", highlight=False)
+    console.print(f"sampling {num} {plural(num, 'image')} from {loaded.checkpoint} (step {loaded.step}, "
+                  f"{describe(loaded, sampler, steps, eta)}) on {loaded.device}, batches of {min(batch_size, num)}",
+                  highlight=False)
     with sampling_progress() as on_progress:
         res = generate(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
                        grid=grid, contact_sheet=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval,
                        force=force, on_progress=on_progress)
     replaced = f" (replacing {res.replaced} earlier files)" if res.replaced else ""
-    console.print(f"wrote {num} images to {out}{replaced}", highlight=False)
+    console.print(f"wrote {num} {plural(num, 'image')} to {out}{replaced}", highlight=False)
     if res.grid is not None:
         console.print(f"progression grid: {res.grid}", highlight=False)
     if res.sheet is not None:
@@ -116,7 +116,7 @@ def describe(loaded: LoadedModel, sampler: str, steps: int | None, eta: float) -
     if sampler == "ddpm":
         what = f"DDPM, all {loaded.schedule.num_steps} steps"
     else:
-        what = f"{sampler}, {steps} steps" + (f", eta {eta:g}" if sampler == "ddim" else "")
+        what = f"{sampler}, {steps} {plural(steps, 'step')}" + (f", eta {eta:g}" if sampler == "ddim" else "")
     return f"{weights} weights, {what}, {d.beta_schedule} schedule, {d.prediction_type} prediction"
 
 
