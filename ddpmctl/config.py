@@ -371,6 +371,21 @@ def with_absolute_paths(cfg: Config) -> Config:
     return apply_overrides(cfg, {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v})
 
 
+def check_attention_resolutions(m: ModelConfig) -> None:
+    """Refuse attention at a resolution the network does not have (it would silently get none there).
+
+    Checked when a run starts, not in :func:`validate`: that runs at each layer of defaults < YAML < options,
+    where a YAML file's ``attention_resolutions: [8]`` may wait for ``--img-size 16`` from the command line.
+    """
+    stages = [m.img_size // 2**i for i in range(len(m.channel_multipliers))]
+    wrong = sorted(set(m.attention_resolutions or ()) - set(stages))
+    if wrong:
+        raise ConfigError(
+            f"attention_resolutions {', '.join(map(str, wrong))}: this model's stages work at "
+            f"{', '.join(map(str, stages))} px; pick among those (or leave it unset: after every downsampling)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Reject values that cannot work, with a message that says what to change."""
     m, d, t, s, lg = cfg.model, cfg.diffusion, cfg.training, cfg.sampling, cfg.logging
@@ -405,13 +420,6 @@ def validate(cfg: Config) -> None:
     for name, value in (("dropout", m.dropout), ("ema_decay", t.ema_decay)):
         if value >= 1:
             raise ConfigError(f"{name} must be below 1, got {value}")
-    stages = [m.img_size // 2**i for i in range(len(m.channel_multipliers))]
-    wrong = sorted(set(m.attention_resolutions or ()) - set(stages))
-    if wrong:
-        raise ConfigError(
-            f"attention_resolutions {', '.join(map(str, wrong))}: this model's stages work at "
-            f"{', '.join(map(str, stages))} px; pick among those (or leave it unset: after every downsampling)"
-        )
     if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
         raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
     if d.beta_schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:

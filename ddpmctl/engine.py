@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__, checkpoints, plots, runlock
-from .config import Config, complete_saved, dump_yaml, to_dict, with_absolute_paths
+from .config import Config, check_attention_resolutions, complete_saved, dump_yaml, to_dict, with_absolute_paths
 from .data import BatchStream, build_dataset
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
@@ -127,6 +127,7 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     emit = on_event or (lambda _e: None)
     stop = stop or StopFlag()
     cfg = with_absolute_paths(cfg)  # config.yaml must mean the same from any directory
+    check_attention_resolutions(cfg.model)
     dist_info = init_distributed(cfg.run.device)
     try:
         with interrupt_handlers(stop):

@@ -366,8 +366,8 @@ def test_one_process_resumes_a_two_process_checkpoint(ws, sigterm_run):
     assert "world size changed from 2 to 1: data order restarts at the next epoch" in result.output
     meta = checkpoints.read_meta(run_dir / f"checkpoint_{ckpt.step + 2}")
     # Two steps of batch 2 into the epoch after the interrupted one.
-    assert meta["data_state"] == {"world_size": 1, "ranks": [{"epoch": before["epoch"] + 1, "position": 4,
-                                                                "seed": 0}]}
+    assert meta["data_state"] == {"world_size": 1, "num_images": 16,
+                                  "ranks": [{"epoch": before["epoch"] + 1, "position": 4, "seed": 0}]}
 
 
 def test_a_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
