@@ -12,7 +12,10 @@ DATA        ?=
 WORK        ?= runs/working
 GEN         ?= runs/generated
 NAME        ?=
-CHECKPOINT  ?= $(WORK)/demo
+# The run `make train` makes: NAME, else the experiment_name in CONFIG (read when a target needs it).
+RUN_NAME     = $(or $(NAME),$(shell $(BIN)/python -c "from ddpmctl.config import load_yaml; \
+               print(load_yaml('$(CONFIG)').run.experiment_name)" 2>/dev/null))
+CHECKPOINT  ?= $(WORK)/$(RUN_NAME)
 OUT         ?= runs/samples
 NUM         ?= 64
 FORCE       ?=
@@ -52,11 +55,10 @@ train: $(STAMP)
 	$(BIN)/ddpmctl train --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
 		$(if $(DATA),--path-to-data $(DATA)) $(if $(NAME),--experiment-name $(NAME))
 
-# The same variables as `make train`: the run's name comes from CONFIG (or NAME), and DATA/GEN, given to train
-# as overrides of CONFIG, must override it here too, or CONFIG's values would replace those in the run's config.yaml.
+# The run `make train` started with the same variables: its config.yaml holds the rest. CONFIG only names it
+# (passed whole, its values would override the run's own, e.g. an extended --num-training-steps).
 resume: $(STAMP)  ## continue the run that `make train` with the same variables started
-	$(BIN)/ddpmctl resume --config $(CONFIG) --working-directory $(WORK) --generated-directory $(GEN) \
-		$(if $(DATA),--path-to-data $(DATA)) $(if $(NAME),--experiment-name $(NAME))
+	$(BIN)/ddpmctl resume --working-directory $(WORK) --experiment-name $(RUN_NAME) $(if $(DATA),--path-to-data $(DATA))
 
 sample: $(STAMP)
 	$(BIN)/ddpmctl sample --checkpoint $(CHECKPOINT) --out $(OUT) --num $(NUM) --grid $(if $(FORCE),--force)

@@ -177,6 +177,9 @@ def save_checkpoint(
         raise CheckpointError(f"could not write {final}: {exc.strerror or exc}; the previous checkpoints "
                               "are untouched") from None
     except (RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, RuntimeError) and not any(s in str(exc) for s in _WRITE_FAILURES):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise  # e.g. a CUDA error while copying state: a bug or a device problem, not the disk
         # torch.save reports a failed write (disk full, quota, I/O error) as RuntimeError("[enforce fail at
         # inline_container.cc:...] . unexpected pos ..."), safetensors as SafetensorError: the disk's answer,
         # not a bug. Free space is measured before the partial files go, while it is what the write ran into.
@@ -188,6 +191,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# What torch.save's RuntimeError says when the file could not be written (its zip writer reports a short write).
+_WRITE_FAILURES = ("inline_container", "unexpected pos", "write", "space", "quota", "Input/output")
 
 
 def _free_space(path: Path) -> str:
@@ -232,8 +239,13 @@ def inspect_checkpoint(path: str | Path, verify_hashes: bool = False) -> Checkpo
             return CheckpointInfo(path, step, False, f"damaged: {name} is missing", meta)
         if f.stat().st_size != size:
             return CheckpointInfo(path, step, False, f"damaged: {name} is truncated or changed", meta)
-        if verify_hashes and sha256_file(f) != digest:
-            return CheckpointInfo(path, step, False, f"damaged: {name} does not match its checksum", meta)
+        if verify_hashes:
+            try:
+                matches = sha256_file(f) == digest
+            except OSError as exc:  # a bad sector or a permission: the very damage the checksum is for
+                return CheckpointInfo(path, step, False, f"damaged: {name} is unreadable ({exc.strerror or exc})", meta)
+            if not matches:
+                return CheckpointInfo(path, step, False, f"damaged: {name} does not match its checksum", meta)
     return CheckpointInfo(path, step, True, None, meta)
 
 
@@ -433,11 +445,11 @@ def set_aside_newer(run_dir: str | Path, resumed: Path) -> list[str]:
 def _existing(run_dir: Path, found: list[CheckpointInfo] | None = None) -> str:
     """What ``run_dir`` holds, each unusable checkpoint with the reason, for an error message.
 
-    ``found``: the run's checkpoints already inspected with their checksums (else they are, here: a folder
-    damaged only by its checksum must not be offered as if it were good).
+    ``found``: the run's checkpoints already inspected with their checksums, where the caller has them;
+    else sizes only (an error message is no reason to read every checkpoint of a run).
     """
     if found is None:
-        found = list_checkpoints(run_dir, verify_hashes=True)
+        found = list_checkpoints(run_dir)
     if not found:
         if run_dir.is_file():
             return "that is a file, not a run folder"

@@ -323,6 +323,11 @@ def complete_saved(data: dict[str, Any] | None) -> dict[str, Any]:
     return data
 
 
+def saved_model_config(model: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a saved model section (e.g. an exported file's ``model_config``), as it trained."""
+    return ModelConfig(**complete_saved({"model": model})["model"])
+
+
 def load_saved_yaml(path: Path) -> Config:
     """A run's own config.yaml, read as :func:`load_yaml` does, with :func:`complete_saved` applied."""
     try:

@@ -127,7 +127,8 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     emit = on_event or (lambda _e: None)
     stop = stop or StopFlag()
     cfg = with_absolute_paths(cfg)  # config.yaml must mean the same from any directory
-    check_attention_resolutions(cfg.model)
+    if not cfg.training.resume_from_checkpoint:  # a run saved before the check keeps its (attention-less) setting
+        check_attention_resolutions(cfg.model)
     dist_info = init_distributed(cfg.run.device)
     try:
         with interrupt_handlers(stop):
@@ -180,6 +181,9 @@ class _Trainer:
         """Rank 0: take the run's lock (one process per run), tidy, and resolve the checkpoint to load."""
         which = self.cfg.training.resume_from_checkpoint
         self.lock.acquire(create=True)
+        data = self.cfg.data.path_to_data
+        if data and not Path(data).exists():  # before any folder is made for a run whose data is gone (moved?)
+            raise DataError(f"data folder {data} does not exist: pass --path-to-data with a folder of images")
         check_writable(self.cfg.generated_dir, "--generated-directory")  # now, not at the first grid hours later
         checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
         if not which:
@@ -276,6 +280,8 @@ class _Trainer:
             )
         try:
             self._restore(path, meta)
+        except torch.OutOfMemoryError:
+            raise  # the machine's problem, not the file's
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             # The files passed their checksums, so they are what was saved, but not what this ddpmctl saves
             # for this model (edited by hand, or from another tool): a user problem, not a bug.
@@ -284,6 +290,7 @@ class _Trainer:
                 f"{path.name} does not fit this run ({type(exc).__name__}: {first}); resume from another "
                 f"checkpoint with --resume-from-checkpoint checkpoint_N"
             ) from None
+        self._apply_new_optimizer_settings(meta.get("config", {}).get("training", {}))  # outside: its bugs keep tracebacks
 
     def _restore(self, path: Path, meta: dict[str, Any]) -> None:
         """Weights, EMA, optimizer, schedule, data position and RNG of ``path`` into this trainer."""
@@ -298,7 +305,6 @@ class _Trainer:
         load_optimizer_state(self.optimizer, state["optimizer"])
         # The schedule's lambda is rebuilt from this run's num_training_steps, so a resume may extend it.
         self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_new_optimizer_settings(meta.get("config", {}).get("training", {}))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(meta["step"])
@@ -310,7 +316,8 @@ class _Trainer:
         saved_data, data_now = meta.get("config", {}).get("data", {}).get("path_to_data"), self.cfg.data.path_to_data
         images_then = data_state.get("num_images", self.num_images)  # absent in checkpoints of older versions
         # (older checkpoints hold the path as typed, relative to wherever training was started)
-        moved = saved_data != data_now and not (saved_data and data_now and os.path.abspath(saved_data) == data_now)
+        moved = saved_data != data_now and not (
+            saved_data and data_now and os.path.abspath(os.path.expanduser(saved_data)) == data_now)
         if images_then != self.num_images or moved:
             then = f"{saved_data} ({images_then} images)" if images_then != self.num_images else str(saved_data)
             self.notes.append(f"the data changed since {path.name}: {then} then, {data_now} "

@@ -156,9 +156,9 @@ def export_weights(path: str | Path, out: str | Path, overwrite: bool = False) -
         from safetensors import safe_open
         from safetensors.torch import load_file
         from ddpmctl.model import UNet
-        from ddpmctl.config import ModelConfig
+        from ddpmctl.config import saved_model_config
         meta = safe_open(FILE, "pt").metadata()
-        model = UNet(ModelConfig(**json.loads(meta["model_config"])))
+        model = UNet(saved_model_config(json.loads(meta["model_config"])))  # fills options the file predates
         model.load_state_dict(load_file(FILE))
     """
     ckpt, notes = locate(path)

@@ -109,3 +109,10 @@ def test_attention_at_a_resolution_the_model_lacks_is_refused() -> None:
         C.resolve(None, {"img_size": 16, "channel_multipliers": "1,2", "attention_resolutions": "16,8"}).model)
     with pytest.raises(ConfigError, match=r"^dropout must be below 1, got 1.5$"):
         C.resolve(None, {"dropout": 1.5})
+
+
+def test_a_saved_model_section_without_a_later_option_gets_the_value_it_trained_with() -> None:
+    old = {"img_size": 16, "channel_multipliers": [1, 2]}  # as in a file exported before time_embedding_silu
+    assert C.saved_model_config(old).time_embedding_silu is False
+    assert C.saved_model_config({**old, "time_embedding_silu": True}).time_embedding_silu is True
+    assert C.ModelConfig().time_embedding_silu is True  # new runs
