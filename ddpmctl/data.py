@@ -171,6 +171,16 @@ def _prepared_dataset(root: Path, manifest: dict, img_size: int) -> tuple[Datase
     return PreparedDataset(files, img_size), f"{len(files)} prepared {img_size}px images from {root}{stale}"
 
 
+def data_root(path: str | Path | None) -> Path:
+    """``--path-to-data`` as a path that exists, or a DataError saying what to pass."""
+    if not path:
+        raise DataError("no training data given: pass --path-to-data DIR (a folder of images)")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist: pass --path-to-data with a folder of images")
+    return root
+
+
 def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]:
     """The training dataset for ``path`` and a one-line description of how it is read.
 
@@ -178,11 +188,7 @@ def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]
     ``img_size``; a packed array is memory-mapped), a packed ``.npy`` file, or any folder of images
     (decoded and resized on the fly; the description then carries a hint to run ``prepare``).
     """
-    if not path:
-        raise DataError("no training data given: pass --path-to-data DIR (a folder of images)")
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist: pass --path-to-data with a folder of images")
+    root = data_root(path)
     if root.is_file() and root.suffix.lower() == ".npy":
         dataset = PackedDataset(root, img_size)
         if len(dataset) == 0:

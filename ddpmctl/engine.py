@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__, checkpoints, plots, runlock
 from .config import Config, check_attention_resolutions, complete_saved, dump_yaml, to_dict, with_absolute_paths
-from .data import BatchStream, build_dataset
+from .data import BatchStream, build_dataset, data_root
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
 from .events import (
@@ -181,9 +181,8 @@ class _Trainer:
         """Rank 0: take the run's lock (one process per run), tidy, and resolve the checkpoint to load."""
         which = self.cfg.training.resume_from_checkpoint
         self.lock.acquire(create=True)
-        data = self.cfg.data.path_to_data
-        if data and not Path(data).exists():  # before any folder is made for a run whose data is gone (moved?)
-            raise DataError(f"data folder {data} does not exist: pass --path-to-data with a folder of images")
+        if self.cfg.data.path_to_data:  # before the grids' folder is made for a run whose data is gone (moved?)
+            data_root(self.cfg.data.path_to_data)
         check_writable(self.cfg.generated_dir, "--generated-directory")  # now, not at the first grid hours later
         checkpoints.clean_stale_temporaries(self.run_dir)  # may put back a checkpoint a kill left aside
         if not which:
