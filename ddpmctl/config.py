@@ -283,8 +283,12 @@ def from_dict(data: dict[str, Any] | None, source: str = "config", base: Config 
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_yaml(path: str | Path, base: Config | None = None) -> Config:
-    """Read a YAML config file (laid over ``base``), or raise ConfigError with a clear reason."""
+def load_yaml(path: str | Path, base: Config | None = None, saved: bool = False) -> Config:
+    """Read a YAML config file (laid over ``base``), or raise ConfigError with a clear reason.
+
+    ``saved``: the file is a run's own config.yaml: options it predates get the value it trained with
+    (:func:`complete_saved`).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -292,6 +296,8 @@ def load_yaml(path: str | Path, base: Config | None = None) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if saved and isinstance(data, dict):
+        data = complete_saved(data)
     return from_dict(data, source=str(path), base=base)
 
 
@@ -328,15 +334,6 @@ def saved_model_config(model: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**complete_saved({"model": model})["model"])
 
 
-def load_saved_yaml(path: Path) -> Config:
-    """A run's own config.yaml, read as :func:`load_yaml` does, with :func:`complete_saved` applied."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return from_dict(complete_saved(data) if isinstance(data, dict) else data, source=str(path))
-
-
 def resolve(config_file: str | Path | None, overrides: dict[str, Any], base: Config | None = None) -> Config:
     """``base`` (built-in defaults when None) < YAML file < overrides (only options actually given)."""
     cfg = load_yaml(config_file, base) if config_file else (base or Config())
@@ -356,7 +353,7 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
             f"no run to resume at {located.run_dir} (it has no config.yaml): check --experiment-name "
             f"and --working-directory ({found})"
         )
-    base = load_saved_yaml(saved)
+    base = load_yaml(saved, saved=True)
     # Where the run lives comes from the command line, even if the folder was moved since; which checkpoint
     # to resume from is this command's choice, never the one an earlier resume recorded in config.yaml.
     base = apply_overrides(base, {"experiment_name": located.run.experiment_name,
