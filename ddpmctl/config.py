@@ -365,12 +365,17 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
     return cfg
 
 
+def absolute_path(path: str | None) -> str | None:
+    """``path`` with ``~`` expanded, made absolute against the current directory (None stays None)."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """``cfg`` with its folders made absolute (``~`` expanded), so the config.yaml a run writes means the same
     from any directory: ``resume`` and ``sample`` run from elsewhere find the data and the grids' folder."""
     paths = {"working_directory": cfg.run.working_directory, "generated_directory": cfg.run.generated_directory,
              "path_to_data": cfg.data.path_to_data}
-    return apply_overrides(cfg, {k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v})
+    return apply_overrides(cfg, {k: absolute_path(v) for k, v in paths.items() if v})
 
 
 def check_attention_resolutions(m: ModelConfig) -> None:

@@ -24,7 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__, checkpoints, plots, runlock
-from .config import Config, check_attention_resolutions, complete_saved, dump_yaml, to_dict, with_absolute_paths
+from .config import (
+    Config,
+    absolute_path,
+    check_attention_resolutions,
+    complete_saved,
+    dump_yaml,
+    to_dict,
+    with_absolute_paths,
+)
 from .data import BatchStream, build_dataset, data_root
 from .diffusion import Schedule
 from .errors import CheckpointError, ConfigError, DataError, DdpmctlError, TrainingStopped
@@ -314,23 +322,22 @@ class _Trainer:
         data_state = meta.get("data_state", {})
         saved_data, data_now = meta.get("config", {}).get("data", {}).get("path_to_data"), self.cfg.data.path_to_data
         images_then = data_state.get("num_images", self.num_images)  # absent in checkpoints of older versions
+        recounted = images_then != self.num_images
+        same_world = self.dist.world_size == int(data_state.get("world_size", 1))
         # (older checkpoints hold the path as typed, relative to wherever training was started)
-        moved = saved_data != data_now and not (
-            saved_data and data_now and os.path.abspath(os.path.expanduser(saved_data)) == data_now)
-        if images_then != self.num_images or moved:
-            then = f"{saved_data} ({images_then} images)" if images_then != self.num_images else str(saved_data)
+        if recounted or absolute_path(saved_data) != absolute_path(data_now):
+            then = f"{saved_data} ({images_then} images)" if recounted else str(saved_data)
             self.notes.append(f"the data changed since {path.name}: {then} then, {data_now} "
                               f"({self.num_images} images) now; "
-                              + ("the data order restarts at the next epoch" if images_then != self.num_images
+                              + ("the data order restarts at the next epoch" if recounted
                                  else "same number of images, so the data order goes on where it stopped"))
-        if self.dist.world_size == int(data_state.get("world_size", 1)) and images_then == self.num_images \
-                and "ranks" in data_state:
+        if same_world and not recounted and "ranks" in data_state:
             self.stream.load_state_dict(data_state["ranks"][self.dist.rank])
         elif "ranks" in data_state:
             # Another number of processes or of images: continue from the next epoch (no sample is replayed
             # twice within an epoch, but the partial epoch is cut short).
             self.stream.load_state_dict({"epoch": data_state["ranks"][0]["epoch"] + 1, "position": 0})
-            if self.dist.world_size != int(data_state.get("world_size", 1)):
+            if not same_world:
                 self.notes.append(f"world size changed from {data_state.get('world_size')} to "
                                   f"{self.dist.world_size}: data order restarts at the next epoch")
         rng = state.get("rng_per_rank", [state.get("rng")])

@@ -98,10 +98,15 @@ def _resume_hint(cfg: config_mod.Config) -> str:
     return hint
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 under torchrun (its RANK variable), or a plain single process: the one that speaks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_training(cfg: config_mod.Config) -> None:
     display = TrainDisplay()
     stop = StopFlag()  # set by the engine's handler: tells a second Ctrl-C from one before the handler was in place
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank stops together; rank 0 says why
+    main_rank = _is_main_rank()  # under torchrun every rank stops together; rank 0 says why
     try:
         train(cfg, display, stop)
     except TrainingStopped as exc:
@@ -149,7 +154,7 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
             # job script that always passes it works on its first submission. (Under torchrun every rank looks
             # before rank 0 can write config.yaml: they all join the process group first.)
             cfg = config_mod.apply_overrides(cfg, {"resume_from_checkpoint": None})
-            if int(os.environ.get("RANK", "0")) == 0:
+            if _is_main_rank():
                 console.print(f"[yellow]note:[/] no run at {escape(str(cfg.run_dir))} to resume from 'latest': "
                               "starting a new one", highlight=False, soft_wrap=True)
         elif which:
