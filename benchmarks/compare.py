@@ -322,6 +322,15 @@ def build_theirs(cfg: dict, device: torch.device, channels_last: bool) -> torch.
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def past_deadline(args, out: dict, key: str) -> bool:
+    """True (and noted in the results) once --deadline has passed: the contestant is not built or timed."""
+    if args.deadline is None or time.perf_counter() - args.t0 < args.deadline:
+        return False
+    out[f"skipped_{key}"] = f"--deadline {args.deadline:.0f} s passed before it was built"
+    print(f"# skipped {key}: --deadline passed", flush=True)
+    return True
+
+
 def is_compiled_spec(spec: str) -> bool:
     return bool({"compile", "freeze", "autotune"} & set(spec.split("+")))
 
@@ -340,6 +349,8 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     mem: dict[str, float | None] = {}
     for name in contestants(tag, args.ours_variants):
+        if past_deadline(args, out, f"{name}_train_{tag}"):
+            continue
         # Each contestant is built and warmed up (compilation, capture) alone, its peak memory read from the
         # start: a captured CUDA graph allocates its activations once, at capture, not in later replays.
         # On CUDA the figure is its own (what was allocated before it is subtracted); on the CPU it is
@@ -373,14 +384,25 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     gc.collect()
 
 
-SAMPLE_TOKENS = ("cl", "nchw", "graph", "nograph", "lpnorm", "fp32norm", "compile", "freeze", "autotune")
+SAMPLE_TOKENS = ("cl", "nchw", "graph", "nograph", "lpnorm", "fp32norm", "compile", "freeze", "autotune", "tuned")
+# "tuned": the inductor settings of PyTorch's "Accelerating Generative AI III: Diffusion, Fast" recipe for
+# diffusion UNets, applied while the variant compiles (inductor reads its config at compile time).
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+
+
+def inductor_patch(settings: dict) -> contextlib.AbstractContextManager:
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(settings)
 
 
 def ours_sampling_model(cfg: ModelConfig, device: torch.device, spec: str) -> tuple[torch.nn.Module, bool]:
     """ddpmctl's sampling network changed by a spec such as 'cl+nograph' or 'freeze': (model, use the loop graph).
 
     compile = as `ddpmctl sample --compile` (reduce-overhead on CUDA); freeze = inductor with the weights
-    frozen in (plus its CUDA graphs on CUDA); autotune = mode="max-autotune" (Triton/cuDNN kernel search).
+    frozen in (plus its CUDA graphs on CUDA); autotune = mode="max-autotune" (Triton/cuDNN kernel search);
+    tuned = TUNED_INDUCTOR while it compiles (with compile, freeze or autotune; see bench_sampling).
     """
     tokens = [t for t in spec.split("+") if t]
     for t in tokens:
@@ -405,6 +427,8 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
     runs: dict[str, Callable[[int], torch.Tensor]] = {}
     loop_graphs: dict[str, SamplingGraphs] = {}
     for name in contestants(tag, args.sample_variants):
+        if past_deadline(args, out, f"{name}_sample_{tag}"):
+            continue
         try:
             if name == "diffusers":
                 theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
@@ -419,7 +443,9 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
                 if graphs is not None:
                     loop_graphs[name] = graphs
                 fn = ddpmctl_sampler(model, device, precision, noise, graphs)
-            fn(2 if device.type == "cpu" else args.sample_steps)  # warm-up, compilation, capture (per step count)
+            tuned = "tuned" in name.partition("[")[2].rstrip("]").split("+")
+            with inductor_patch(TUNED_INDUCTOR) if tuned else contextlib.nullcontext():
+                fn(2 if device.type == "cpu" else args.sample_steps)  # warm-up, compilation, capture (per step count)
             runs[name] = fn
         except Exception as exc:  # noqa: BLE001 - one failed contestant (e.g. a compiler error) must not lose the rest
             traceback.print_exc()
@@ -528,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
                         "+-joined tokens: graph/nograph, cl/nchw, lpnorm/fp32norm, compile (e.g. nograph,compile+nograph)")
     p.add_argument("--sample-variants", default="",
                    help="extra ddpmctl DDIM variants timed beside the shipped one, comma-separated specs of +-joined "
-                        "tokens: cl/nchw, graph/nograph, lpnorm/fp32norm, compile, freeze, autotune (e.g. cl,freeze)")
+                        "tokens: cl/nchw, graph/nograph, lpnorm/fp32norm, compile, freeze, autotune, tuned "
+                        "(e.g. cl,freeze,cl+freeze+tuned)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after start past which no further contestant is built (those built are still "
+                        "timed): a time-boxed run keeps its figures")
     p.add_argument("--diffusers-head-dim", type=int, default=None,
                    help="diffusers attention_head_dim (default: one head, as ddpmctl; 8 is diffusers' own default)")
     args = p.parse_args(argv)
@@ -567,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"# {res['device']} | torch {res['torch']} | diffusers {res['diffusers']} | {precision.name} | "
           f"{'quick' if args.quick else 'full'} config, {ours_cfg.img_size} px", flush=True)
-    t0 = time.perf_counter()
+    t0 = args.t0 = time.perf_counter()
 
     ours, theirs = build_ours(ours_cfg, device, False), build_theirs(theirs_cfg, device, False)
     res["ddpmctl_params"], res["diffusers_params"] = count_parameters(ours), count_parameters(theirs)
