@@ -75,7 +75,7 @@ class TrainingConfig:
     ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
     ema_warmup: bool = True  # ramp the EMA decay as (1+n)/(10+n) so early samples are not noise
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32; bf16 also on MPS, bf16 CPUs
-    compile: bool = False  # torch.compile the model: about a minute to compile, then 1.46x the images/s on an H100 (README); no gain on the CPU
+    compile: bool = False  # torch.compile the model: a minute to compile, then 1.46x the images/s on an H100; none on CPUs
     channels_last: bool = False  # channels-last memory format on CUDA (off: NCHW trained 25% faster on an H200, README)
     cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (bf16/fp32, no accumulation; torchrun too)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -178,8 +179,14 @@ def dpmpp_2m_step(
 
 
 def timestep_subsequence(num_steps: int, sampling_steps: int | None) -> list[int]:
-    """Evenly spaced timesteps, descending from T-1 (the 'trailing' spacing of Lin et al. 2024)."""
+    """Evenly spaced timesteps, descending from T-1: the 'trailing' spacing of Lin et al. 2024 (Table 2).
+
+    Computed as their reference code does, round(arange(T, 0, -T/n)) - 1 with numpy's arange, so the
+    timesteps equal diffusers' timestep_spacing="trailing" even where a value falls half-way between two
+    integers (n = 16, 48, ... for T = 1000; tests/test_reference.py). Always n of them (numpy's float step
+    can yield an extra, last one).
+    """
     if not sampling_steps or sampling_steps >= num_steps:
         return list(range(num_steps - 1, -1, -1))
-    stride = num_steps / sampling_steps
-    return sorted({round(num_steps - 1 - i * stride) for i in range(sampling_steps)}, reverse=True)
+    spaced = np.round(np.arange(num_steps, 0, -num_steps / sampling_steps))[:sampling_steps].astype(np.int64) - 1
+    return sorted({int(t) for t in spaced}, reverse=True)
