@@ -138,6 +138,7 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     if not cfg.training.resume_from_checkpoint:  # a run saved before the check keeps its (attention-less) setting
         check_attention_resolutions(cfg.model)
     dist_info = init_distributed(cfg.run.device)
+    created = missing_folders(cfg.run_dir, cfg.generated_dir) if dist_info.is_main else []
     try:
         with interrupt_handlers(stop):
             trainer = _Trainer(cfg, dist_info, emit, stop)
@@ -145,14 +146,41 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
                 return trainer.run()
             finally:
                 trainer.lock.release()  # taken by rank 0 in _resume_point
+                if not trainer.started:  # a start that failed (bad data, Ctrl-C) leaves no empty folders behind
+                    remove_if_empty(created, leftovers=(trainer.lock.path.name, "config.yaml"))
     finally:
         if dist_info.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def missing_folders(*paths: Path) -> list[Path]:
+    """The folders that creating ``paths`` would make, deepest first (each path's missing ancestors too)."""
+    out: list[Path] = []
+    for path in paths:
+        chain: list[Path] = []
+        while not path.exists() and path.parent != path:
+            chain.append(path)
+            path = path.parent
+        out += [p for p in chain if p not in out]
+    return sorted(out, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_if_empty(folders: list[Path], leftovers: tuple[str, ...] = ()) -> None:
+    """Remove ``folders`` (deepest first) that hold nothing but files named in ``leftovers``."""
+    for folder in folders:
+        try:
+            if all(f.name in leftovers and f.is_file() for f in folder.iterdir()):
+                for f in folder.iterdir():
+                    f.unlink()
+                folder.rmdir()
+        except OSError:
+            pass
+
+
 class _Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo, emit: Callable[[Event], None], stop: StopFlag):
         self.cfg, self.dist, self.stop = cfg, dist_info, stop
+        self.started = False  # set once training begins: a failure before that tidies away the folders it made
         self.emit = emit if dist_info.is_main else (lambda _e: None)  # other ranks stay quiet
         self.run_dir = cfg.run_dir
         self.lock = runlock.RunLock(self.run_dir)  # held by rank 0 for the whole run
@@ -437,10 +465,10 @@ class _Trainer:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def _diverged(self, in_row: int) -> None:
+    def _diverged(self, in_row: int, step: int) -> None:
         good = [c for c in checkpoints.list_checkpoints(self.run_dir) if c.complete]
         raise TrainingStopped(
-            f"training diverged: {in_row} non-finite steps in a row at step {self.step}; "
+            f"training diverged: {in_row} non-finite steps in a row at step {step}; "
             "lower --learning-rate or --max-grad-norm"
             + (f"; last good checkpoint: {good[-1].path}" if good else ""),
             checkpoint=str(good[-1].path) if good else None,
@@ -474,6 +502,7 @@ class _Trainer:
             effective_batch=per_step, data=self.data_desc,
             run_dir=str(self.run_dir), notes=self.notes,
         ))
+        self.started = True
         if self.wandb is not None and self.dist.is_main:
             self.wandb.init(project=cfg.logging.wandb_project, name=cfg.run.experiment_name, config=to_dict(cfg),
                             dir=str(self.run_dir), resume="allow")
@@ -522,7 +551,7 @@ class _Trainer:
                     self.emit(Note(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
                                    f"({bad_in_row} in a row)"))
                     if bad_in_row >= t.max_bad_steps:
-                        self._diverged(bad_in_row)
+                        self._diverged(bad_in_row, self.step + 1)  # skipped tries of the same step, as the notes say
                     continue
                 bad_in_row = 0
                 self.train_step.apply(self.scheduler, self.ema, bad if self.deferred_guard else None)
@@ -545,7 +574,7 @@ class _Trainer:
                         self.emit(Note(f"steps {self.step - window_steps + 1}-{self.step}: {skipped} non-finite "
                                        f"loss or gradient, update skipped ({in_row} in a row now)"))
                         if in_row >= t.max_bad_steps:
-                            self._diverged(in_row)
+                            self._diverged(in_row, self.step)  # skipped steps count on this path
                     now = time.perf_counter()
                     speed = window_images / max(now - window_start, 1e-9)
                     lr = self.scheduler.get_last_lr()[0]

@@ -285,7 +285,7 @@ def test_nan_guard_skips_counts_and_stops(data: Path, tmp_path: Path, monkeypatc
     with pytest.raises(TrainingStopped) as stopped:
         train(config_mod.resolve(None, opts), lambda e: notes.append(e.text) if isinstance(e, Note) else None)
     message = str(stopped.value)
-    assert "training diverged: 3 non-finite steps in a row at step 8" in message
+    assert "training diverged: 3 non-finite steps in a row at step 9" in message  # the step its notes name
     assert "last good checkpoint" in message and message.endswith("checkpoint_8")
     assert [n for n in notes if "update skipped" in n] == [
         f"step 9: non-finite loss or gradient, update skipped ({i} in a row)" for i in (1, 2, 3)]

@@ -85,7 +85,7 @@ def test_lock_is_held_by_training_and_released_however_it_ends(tmp_path, tiny_im
     result = runner.invoke(app, ["train", *args])
     assert_one_line_error(result, f"cannot write {run / 'config.yaml'}: Permission denied")
     assert seen == [run / "config.yaml"]
-    runlock.ensure_not_in_use(run)  # released after the error
+    assert not run.exists()  # released after the error, and the folder this failed start made is gone
 
     other, _ = fake_run
     with runlock.RunLock(other):  # held in this process by someone else: refused too (flock is per open file)
@@ -178,3 +178,21 @@ def test_torchrun_with_mps_is_a_config_error(device, monkeypatch) -> None:
         runtime.init_distributed(device)
     with pytest.raises(AssertionError, match="no process group"):  # --device cpu goes on to gloo
         runtime.init_distributed("cpu")
+
+
+def test_a_failed_start_leaves_no_empty_folders_behind(tmp_path, tiny_images) -> None:
+    """Missing data, or a prepared folder of another size: one error line, and no run or grids folder made."""
+    from ddpmctl.prepare import prepare
+
+    prepared = tmp_path / "p16"
+    prepare(tiny_images, prepared, size=16)
+    for data, needle in ((tmp_path / "nowhere", "does not exist"), (prepared, "was prepared at 16px")):
+        work = tmp_path / "fresh"
+        result = runner.invoke(app, ["train", *tiny_args(data, work, img_size=32, attention_resolutions="16")])
+        assert_one_line_error(result, needle)
+        assert not work.exists(), sorted(work.rglob("*"))
+    existing = tmp_path / "kept"
+    (existing / "working").mkdir(parents=True)
+    result = runner.invoke(app, ["train", *tiny_args(tmp_path / "nowhere", existing)])
+    assert_one_line_error(result, "does not exist")
+    assert sorted(p.name for p in existing.iterdir()) == ["working"]  # what was there before stays

@@ -12,7 +12,7 @@ from rich.table import Table
 from .. import config as config_mod
 from ..doctor import DEFAULT_CHANNELS, DEFAULT_IMG_SIZES, DoctorReport, run_doctor
 from .common import console, err_console, handle_errors
-from .options import plain_help
+from .options import MaybeDeviceOpt, MaybePrecisionOpt, plain_help
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "info"}
 
@@ -119,8 +119,8 @@ def doctor_cmd(
     config: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="YAML training config to probe")] = None,
     num_training_steps: Annotated[Optional[int], typer.Option("--num-training-steps", min=1,
                                                               help="steps for the wall-time estimate")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cuda, mps or cpu")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto, fp32, bf16 or fp16")] = None,
+    device: MaybeDeviceOpt = None,
+    precision: MaybePrecisionOpt = None,
     headroom: Annotated[float, typer.Option("--headroom", help="fraction of memory kept free")] = 0.15,
     effective_batch: Annotated[int, typer.Option("--effective-batch", min=1,
                                                  help="images per optimizer step to recommend")] = 64,

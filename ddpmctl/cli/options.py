@@ -83,6 +83,9 @@ def _schema_option(name: str, help_text: str) -> Any:
 SamplerOpt = Annotated[str, _schema_option("sampler", "ddpm (all timesteps), ddim or dpmpp2m")]
 DeviceOpt = Annotated[str, _schema_option("device", "auto, cuda, mps or cpu")]
 PrecisionOpt = Annotated[str, _schema_option("precision", "auto, fp32, bf16 or fp16")]
+# doctor's: unset means "what the --config file says, else the default".
+MaybeDeviceOpt = Annotated[Optional[str], _schema_option("device", "auto, cuda, mps or cpu")]
+MaybePrecisionOpt = Annotated[Optional[str], _schema_option("precision", "auto, fp32, bf16 or fp16")]
 
 
 def config_parameters(panel_by_section: bool = True) -> list[inspect.Parameter]:
