@@ -47,6 +47,7 @@ from .events import (
     TrainStarted,
 )
 from .interrupts import StopFlag, interrupt_handlers
+from .machine import cpu_cores
 from .model import set_low_precision_norms
 from .runtime import (
     DistInfo,
@@ -268,8 +269,12 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.schedule = Schedule(cfg.diffusion, self.device)
 
+        workers, cores = cfg.data.num_workers, cpu_cores()
+        if workers > cores and not getattr(dataset, "in_process", False):  # PyTorch warns of slowness and freezes
+            self.notes.append(f"num_workers {workers} is more than the {cores} CPU cores here: using {cores}")
+            workers = cores
         self.stream = BatchStream(
-            dataset, t.batch_size, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            dataset, t.batch_size, workers, pin_memory=self.device.type == "cuda",
             num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.run.seed,
         )
         self.step = 0

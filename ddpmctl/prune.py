@@ -51,7 +51,7 @@ class PrunePlan:
 
     @property
     def freed_bytes(self) -> int:
-        return sum(info.size_bytes for info, _ in self.remove)
+        return sum(info.size_bytes for info, _ in self.remove if not info.path.is_symlink())  # a link frees nothing
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -380,8 +380,12 @@ def test_prune_of_a_symlinked_checkpoint_removes_the_link_never_its_target(tmp_p
     for step in (10, 20):
         fake_checkpoint(run, step, ema=False)
     (run / "checkpoint_1").symlink_to(other / "checkpoint_5", target_is_directory=True)
+    from ddpmctl.cli.checkpoints import human_size
+
+    freed = sum(f.stat().st_size for f in (run / "checkpoint_10").iterdir())  # the link frees nothing
     result = runner.invoke(app, ["checkpoints", "prune", str(run), "--keep", "1", "--yes"])
     assert result.exit_code == 0, result.output
+    assert f"{human_size(freed)} freed" in result.output
     assert "deleted 2 checkpoint(s): checkpoint_1, checkpoint_10" in result.output
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_20"]  # no .trash-checkpoint_1-<pid> left behind
     assert ck.inspect_checkpoint(other / "checkpoint_5", verify_hashes=True).complete

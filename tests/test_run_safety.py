@@ -196,3 +196,19 @@ def test_a_failed_start_leaves_no_empty_folders_behind(tmp_path, tiny_images) ->
     result = runner.invoke(app, ["train", *tiny_args(tmp_path / "nowhere", existing)])
     assert_one_line_error(result, "does not exist")
     assert sorted(p.name for p in existing.iterdir()) == ["working"]  # what was there before stays
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_sampling_a_run_still_training_toward_its_first_save_says_so(tmp_path) -> None:
+    run = tmp_path / "working" / "busy"
+    run.mkdir(parents=True)
+    result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s")])
+    assert_one_line_error(result, "stopped before its first save")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ck.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s")])
+        assert_one_line_error(result, "still training toward its first save")
+    finally:
+        holder.kill()
+        holder.wait()

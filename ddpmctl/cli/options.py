@@ -50,8 +50,9 @@ def _help(spec: FieldSpec) -> str:
     default = spec.default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
-    if spec.type is bool:
-        return plain_help(spec.help)
+    if spec.type is bool:  # the flag pair --x / --no-x: name the one in force by default
+        flag = spec.name.replace("_", "-")
+        return plain_help(f"{spec.help} (default: --{flag if default else 'no-' + flag})")
     return plain_help(f"{spec.help} (default: {default if default is not None else 'none'})")
 
 
