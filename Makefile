@@ -27,6 +27,7 @@ help:  ## list the targets and the variables they use
 	@echo "targets: install test demo lint bench train resume sample doctor clean"
 	@echo "variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) GEN=$(GEN) NAME=$(NAME)"
 	@echo "           CHECKPOINT=$(CHECKPOINT) OUT=$(OUT) NUM=$(NUM) FORCE=$(FORCE) TORCH_SPEC='$(TORCH_SPEC)'"
+	@echo "           BENCH_ARGS='$(BENCH_ARGS)' (options of benchmarks/compare.py) PYTHON=$(PYTHON) VENV=$(VENV)"
 	@echo "example:   make train CONFIG=configs/celeba_128_m3_ultra.yaml DATA=./celeb_hq_128 NAME=faces"
 	@echo "           make resume with the same variables continues that run"
 

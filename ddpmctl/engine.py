@@ -510,7 +510,7 @@ class _Trainer:
         self.started = True
         if self.wandb is not None and self.dist.is_main:
             self.wandb.init(project=cfg.logging.wandb_project, name=cfg.run.experiment_name, config=to_dict(cfg),
-                            dir=str(self.run_dir), resume="allow")
+                            dir=os.environ.get("WANDB_DIR") or str(self.run_dir), resume="allow")
         metrics_path = self.run_dir / "metrics.jsonl"
         self.train_model.train()
         start_time = time.perf_counter()

@@ -48,7 +48,8 @@ def sample_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for the PNG files (refused if it holds earlier samples)")],
     num: Annotated[int, typer.Option("--num", min=1, help="number of images")] = 16,
     grid: Annotated[bool, typer.Option(
-        "--grid", help="also write progression.png (noise to image, a row per sample) and samples.png (all tiled)")] = False,
+        "--grid", help="also write progression.png (noise to image, a row for each of the first 8 samples) and "
+                   "samples.png (all, up to 256, tiled)")] = False,
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
     plot_freq_interval: Annotated[Optional[int], typer.Option(
         "--plot-freq-interval", min=1, help=plain_help("with --grid: timesteps between columns [default: the run's]"))] = None,
