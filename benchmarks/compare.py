@@ -397,6 +397,17 @@ def inductor_patch(settings: dict) -> contextlib.AbstractContextManager:
     return inductor_config.patch(settings)
 
 
+def sample_tokens(spec: str) -> list[str]:
+    """The tokens of a --sample-variants spec, checked (main checks every spec before anything runs)."""
+    tokens = [t for t in spec.split("+") if t]
+    for t in tokens:
+        if t not in SAMPLE_TOKENS:
+            raise SystemExit(f"unknown sampling variant token {t!r}; choose from {', '.join(SAMPLE_TOKENS)}")
+    if "tuned" in tokens and not is_compiled_spec(spec):
+        raise SystemExit(f"sampling variant {spec!r}: 'tuned' changes how a model compiles; add compile, freeze or autotune")
+    return tokens
+
+
 def ours_sampling_model(cfg: ModelConfig, device: torch.device, spec: str) -> tuple[torch.nn.Module, bool]:
     """ddpmctl's sampling network changed by a spec such as 'cl+nograph' or 'freeze': (model, use the loop graph).
 
@@ -404,10 +415,7 @@ def ours_sampling_model(cfg: ModelConfig, device: torch.device, spec: str) -> tu
     frozen in (plus its CUDA graphs on CUDA); autotune = mode="max-autotune" (Triton/cuDNN kernel search);
     tuned = TUNED_INDUCTOR while it compiles (with compile, freeze or autotune; see bench_sampling).
     """
-    tokens = [t for t in spec.split("+") if t]
-    for t in tokens:
-        if t not in SAMPLE_TOKENS:
-            raise SystemExit(f"unknown sampling variant token {t!r}; choose from {', '.join(SAMPLE_TOKENS)}")
+    tokens = sample_tokens(spec)
     model = build_ours(cfg, device, "cl" in tokens).eval().requires_grad_(False)
     model = prepare_for_sampling(model, device, compile="compile" in tokens)
     if "lpnorm" in tokens or "fp32norm" in tokens:
@@ -564,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.ours_variants = [v for v in args.ours_variants.split(",") if v]
     args.sample_variants = [v for v in args.sample_variants.split(",") if v]
+    for spec in args.sample_variants:
+        sample_tokens(spec)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, DdpmctlError
+from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -458,14 +458,13 @@ def _existing(run_dir: Path, found: list[CheckpointInfo] | None = None) -> str:
         runs = runs_in(run_dir)
         if runs:
             return f"it is a working directory holding {runs_hint(run_dir, runs)}"
-        from .runlock import RunInUseError, ensure_not_in_use  # runlock imports this module
+        from .runlock import is_training  # runlock imports this module
 
-        try:
-            ensure_not_in_use(run_dir)
-        except RunInUseError:
-            return "it holds no checkpoint yet (the run is still training toward its first save)"
-        except DdpmctlError:  # cannot take the lock here (read-only folder): say what is certain
+        training = is_training(run_dir)
+        if training is None:  # no locks here (Windows), or the lock cannot be read: say what is certain
             return "it holds no checkpoint yet"
+        if training:
+            return "it holds no checkpoint yet (the run is still training toward its first save)"
         return "it holds no checkpoint yet (the run stopped before its first save)"
     parts = [c.name if c.complete else f"{c.name} ({c.problem})" for c in found]
     return "it holds: " + ", ".join(parts)

@@ -146,9 +146,14 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
             try:
                 return trainer.run()
             finally:
-                trainer.lock.release()  # taken by rank 0 in _resume_point
-                if not trainer.started:  # a start that failed (bad data, Ctrl-C) leaves no empty folders behind
-                    remove_if_empty(created, leftovers=(trainer.lock.path.name, "config.yaml"))
+                # A start that failed (bad data, Ctrl-C) leaves no empty folders behind, tidied only by the
+                # process that held the run's lock (never a run another process has just begun).
+                tidy = trainer.lock.held and not trainer.started
+                if tidy and cfg.run_dir in created:
+                    (cfg.run_dir / "config.yaml").unlink(missing_ok=True)
+                trainer.lock.release()  # taken by rank 0 in _resume_point; removes the lock file
+                if tidy:
+                    remove_empty_folders(created)
     finally:
         if dist_info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -166,14 +171,11 @@ def missing_folders(*paths: Path) -> list[Path]:
     return sorted(out, key=lambda p: len(p.parts), reverse=True)
 
 
-def remove_if_empty(folders: list[Path], leftovers: tuple[str, ...] = ()) -> None:
-    """Remove ``folders`` (deepest first) that hold nothing but files named in ``leftovers``."""
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty; one that is not (any more) stays."""
     for folder in folders:
         try:
-            if all(f.name in leftovers and f.is_file() for f in folder.iterdir()):
-                for f in folder.iterdir():
-                    f.unlink()
-                folder.rmdir()
+            folder.rmdir()
         except OSError:
             pass
 
@@ -269,9 +271,13 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.schedule = Schedule(cfg.diffusion, self.device)
 
-        workers, cores = cfg.data.num_workers, cpu_cores()
-        if workers > cores and not getattr(dataset, "in_process", False):  # PyTorch warns of slowness and freezes
-            self.notes.append(f"num_workers {workers} is more than the {cores} CPU cores here: using {cores}")
+        # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
+        # and freezes, so take what there is.
+        workers = cfg.data.num_workers
+        cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if workers > cores and not getattr(dataset, "in_process", False):
+            self.notes.append(f"num_workers {workers} is more than the {cores} CPU cores here per process: "
+                              f"using {cores}")
             workers = cores
         self.stream = BatchStream(
             dataset, t.batch_size, workers, pin_memory=self.device.type == "cuda",

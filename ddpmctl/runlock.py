@@ -27,6 +27,9 @@ class RunInUseError(CheckpointError):
     """Another process holds the run's lock (it is training this run)."""
 
 
+_HELD: set[Path] = set()  # run folders whose lock this process holds (flock also conflicts within one process)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN_DIR/.lock`` while this process trains (or prunes) the run.
 
@@ -82,11 +85,13 @@ class RunLock:
         except OSError:
             pass  # the pid is only for the message
         self._fd = fd
+        _HELD.add(self.run_dir.resolve())
         return self
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
+            _HELD.discard(self.run_dir.resolve())
             try:
                 os.unlink(self.path)  # while still locked: whoever opens the path next gets a new file
             except OSError:
@@ -115,3 +120,29 @@ def ensure_not_in_use(run_dir: str | Path) -> None:
     """RunInUseError if a process is training ``run_dir`` now (takes and at once releases the lock)."""
     with RunLock(run_dir):
         pass
+
+
+def is_training(run_dir: str | Path) -> bool | None:
+    """Whether another process holds ``run_dir``'s lock now (trains it), asked without writing anything: the
+    lock file is opened read-only and share-locked for a moment. None where it cannot be known (no fcntl,
+    an unreadable folder)."""
+    run_dir = Path(run_dir)
+    if fcntl is None:
+        return None
+    if run_dir.resolve() in _HELD:
+        return False
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except FileNotFoundError:  # a training process always has its lock file on disk
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing frees the share lock
+    return False

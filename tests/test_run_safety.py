@@ -212,3 +212,35 @@ def test_sampling_a_run_still_training_toward_its_first_save_says_so(tmp_path) -
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_start_refused_by_the_lock_tidies_nothing_of_the_run_that_holds_it(tmp_path, tiny_images, monkeypatch):
+    """Two starts of one new run: the one that lost the lock must not remove the winner's folder or lock file,
+    even though the folder did not exist when it looked (here: it is made between the look and the lock)."""
+    run = tmp_path / "working" / "tiny"
+    monkeypatch.setattr(engine, "missing_folders", lambda *paths: [run, run.parent])
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ck.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path)])
+        assert_one_line_error(result, "is in use by another ddpmctl process")
+        assert (run / ck.LOCK).read_text().strip() == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_asking_whether_a_run_trains_writes_nothing(tmp_path) -> None:
+    """sample/resume name a folder without checkpoints: the lock probe leaves a .lock file as it found it."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / ck.LOCK).write_text("someone else's\n")
+    result = runner.invoke(app, ["sample", "--checkpoint", str(folder), "--out", str(tmp_path / "s")])
+    assert_one_line_error(result, "holds no checkpoint yet")
+    assert (folder / ck.LOCK).read_text() == "someone else's\n"
+    with runlock.RunLock(folder):  # this process's own lock: its run is not "still training" elsewhere
+        assert runlock.is_training(folder) is False
+        with pytest.raises(CheckpointError, match="stopped before its first save"):
+            ck.resolve_checkpoint(folder, "checkpoint_5")
