@@ -438,6 +438,7 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
         if past_deadline(args, out, f"{name}_sample_{tag}"):
             continue
         try:
+            tuned = False
             if name == "diffusers":
                 theirs = build_theirs(theirs_cfg, device, channels_last).eval().requires_grad_(False)
                 if compile_model:  # diffusers compiled as ddpmctl: CUDA graphs on CUDA, weights frozen in on the CPU
@@ -447,11 +448,11 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
             else:
                 spec = name[len("ddpmctl["):-1] if "[" in name else ("compile" if compile_model else "")
                 model, use_graph = ours_sampling_model(ours_cfg, device, spec)
+                tuned = "tuned" in sample_tokens(spec)
                 graphs = SamplingGraphs() if device.type == "cuda" and use_graph else None
                 if graphs is not None:
                     loop_graphs[name] = graphs
                 fn = ddpmctl_sampler(model, device, precision, noise, graphs)
-            tuned = "tuned" in name.partition("[")[2].rstrip("]").split("+")
             with inductor_patch(TUNED_INDUCTOR) if tuned else contextlib.nullcontext():
                 fn(2 if device.type == "cpu" else args.sample_steps)  # warm-up, compilation, capture (per step count)
             runs[name] = fn
