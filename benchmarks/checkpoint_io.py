@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ddpmctl import checkpoints
+from ddpmctl import checkpoints, rundir
 from ddpmctl.config import Config, load_yaml, to_dict
 from ddpmctl.runtime import build_model
 
@@ -69,8 +69,8 @@ def main() -> None:
         save_s, path = timed(lambda: checkpoints.save_checkpoint(
             root, next(step), model.state_dict(), state, meta, ema_state=ema.state_dict()), args.repeat)
         size = checkpoints.inspect_checkpoint(path).size_bytes
-        list_s, _ = timed(lambda: checkpoints.list_checkpoints(root), args.repeat)
-        verify_s, _ = timed(lambda: checkpoints.resolve_checkpoint(root, path.name), args.repeat)
+        list_s, _ = timed(lambda: rundir.list_checkpoints(root), args.repeat)
+        verify_s, _ = timed(lambda: rundir.resolve_checkpoint(root, path.name), args.repeat)
         load_s, _ = timed(lambda: (checkpoints.load_weights(path), checkpoints.load_weights(path, checkpoints.EMA),
                                    checkpoints.load_training_state(path)), args.repeat)
     finally:

@@ -4,8 +4,9 @@ Both libraries get the same architecture (model FLOPs per image within 10%, coun
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward + backward), the same uint8 batch, the same
 precision and the same memory format, and each runs the full training step its own trainer runs:
 
-* ddpmctl: the step of ``ddpmctl.engine._Trainer`` (uint8 -> [-1, 1] and flip on the device, q_sample,
-  autocast forward, loss, backward, clip, non-finite guard, AdamW, cosine LR, EMA), built from the library.
+* ddpmctl: the very step ``ddpmctl train`` runs, built by its own set-up (``parts.build_parts``; uint8 ->
+  [-1, 1] and flip on the device, q_sample, autocast forward, loss, backward, clip, non-finite guard, AdamW,
+  cosine LR, EMA).
 * diffusers: the step of its ``train_unconditional.py`` example (``DDPMScheduler.add_noise``,
   ``UNet2DModel``, MSE, backward, clip, AdamW, cosine LR, ``EMAModel``).
 
@@ -27,7 +28,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -44,14 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from ddpmctl import sampling  # noqa: E402
-from ddpmctl.config import DiffusionConfig, ModelConfig, TrainingConfig, load_yaml  # noqa: E402
+from ddpmctl.config import Config, DiffusionConfig, ModelConfig, TrainingConfig, load_yaml  # noqa: E402
 from ddpmctl.data import BatchStream, build_dataset, make_demo_dataset  # noqa: E402
 from ddpmctl.diffusion import Schedule  # noqa: E402
-from ddpmctl.engine import EMA, wants_deferred_guard  # noqa: E402
+from ddpmctl.host import cpu_cores, peak_rss, reset_peak_rss  # noqa: E402
 from ddpmctl.model import UNet, count_parameters, set_low_precision_norms  # noqa: E402
+from ddpmctl.parts import build_parts  # noqa: E402
 from ddpmctl.runtime import (  # noqa: E402
     FrozenCompiled,
     Precision,
@@ -62,7 +62,6 @@ from ddpmctl.runtime import (  # noqa: E402
     select_device,
 )
 from ddpmctl.sampling import SamplingGraphs  # noqa: E402
-from ddpmctl.step import TrainStep, make_optimizer  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of the GPUs we quote a share of peak for.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
@@ -116,8 +115,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "cpu":
-        with contextlib.suppress(OSError):  # Linux: reset the process's peak RSS (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
+        reset_peak_rss()  # Linux: the process's peak RSS (VmHWM) starts again from its current RSS
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -126,11 +124,7 @@ def peak_mib(device: torch.device) -> float | None:
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
+    return peak_rss() / 2**20
 
 
 def flops_per_image(fwd: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], size: int,
@@ -201,32 +195,20 @@ def ours_options(spec: str, device: torch.device) -> dict:
     return opts
 
 
-def ddpmctl_train_step(model: UNet, device: torch.device, precision: Precision, batch: torch.Tensor,
+def ddpmctl_train_step(model_cfg: ModelConfig, device: torch.device, precision: Precision, batch: torch.Tensor,
                        compile_model: bool, opts: dict) -> Callable[[], torch.Tensor]:
-    """The training step of ddpmctl.engine (one micro-batch, EMA on): step.TrainStep plus the engine's update."""
-    set_low_precision_norms(model, opts["low_norms"])
-    schedule = Schedule(DiffusionConfig(), device)
-    deferred = wants_deferred_guard(device, precision)
-    optimizer = make_optimizer(model.parameters(), 2e-4, 0.0, device, deferred)
-    lr_sched = get_cosine_schedule_with_warmup(optimizer, 5000, 10**6)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    ema = EMA(model, 0.9999)
-    net = torch.compile(model) if compile_model else model
-    model.train()
-    train_step = TrainStep(model, net, schedule, precision, scaler, optimizer, device,
-                           channels_last=opts["channels_last"], cuda_graph=opts["cuda_graph"] and deferred)
+    """The training step `ddpmctl train` runs, built by the engine's own set-up (parts.build_parts), EMA on."""
+    cfg = Config(model=model_cfg, training=TrainingConfig(
+        batch_size=batch.shape[0], learning_rate=2e-4, weight_decay=0.0, warmup_steps=5000, num_training_steps=10**6,
+        ema_decay=0.9999, compile=compile_model, channels_last=opts["channels_last"], cuda_graph=opts["cuda_graph"]))
+    parts = build_parts(cfg, device, precision)
+    set_low_precision_norms(parts.model, opts["low_norms"])
+    parts.model.train()
 
     def step() -> torch.Tensor:
-        loss, _, check = train_step.forward_backward([batch])
-        if deferred:  # CUDA: fused AdamW skips a non-finite step on the device
-            train_step.apply(lr_sched, ema, (~torch.isfinite(check)).float())
-        elif bool(torch.isfinite(check)):  # the CPU/MPS guard: one read-back per step
-            train_step.apply(lr_sched, ema)
-        else:
-            train_step.zero_grad()
-        return loss
+        return parts.step.step([batch]).loss
 
-    step.train_step = train_step  # type: ignore[attr-defined] - lets the caller report a failed capture
+    step.train_step = parts.step  # type: ignore[attr-defined] - lets the caller report a failed capture
     return step
 
 
@@ -363,8 +345,7 @@ def bench_training(args, ours_cfg, theirs_cfg, device, precision, channels_last,
                                       channels_last, compile_model)
         else:
             opts = ours_options(name[len("ddpmctl["):-1] if "[" in name else "", device)
-            fn = ddpmctl_train_step(build_ours(ours_cfg, device, opts["channels_last"]), device, precision, batch,
-                                    compile_model, opts)
+            fn = ddpmctl_train_step(ours_cfg, device, precision, batch, compile_model, opts)
         for _ in range(args.warmup):
             fn()
         sync(device)
@@ -470,7 +451,7 @@ def bench_sampling(args, ours_cfg, theirs_cfg, device, precision, channels_last,
 
 def bench_loader(args, img_size: int, device: torch.device, out: dict) -> None:
     """ddpmctl's BatchStream over generated PNGs: decode + resize + collate (+ pin on CUDA), images/s."""
-    workers = args.loader_workers if args.loader_workers is not None else min(4, os.cpu_count() or 1)
+    workers = args.loader_workers if args.loader_workers is not None else min(4, cpu_cores())
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp) / "imgs", num_images=args.loader_images, size=img_size)
         dataset, _ = build_dataset(root, img_size)
@@ -491,7 +472,7 @@ def describe_machine(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    return f"{cpu_cores()}-core {platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
 def fmt(v: float | None, spec: str = ",.0f") -> str:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ddp_overhead.py            # CUDA if present (NCCL), else the CPU (gloo)
     .venv/bin/python benchmarks/ddp_overhead.py --quick    # tiny model: seconds on a 2-core CPU
 
-Every variant runs ddpmctl's own training loop (``engine._Trainer``) on the same data and config:
+Every variant runs ddpmctl's own training loop (``engine.Trainer``) on the same data and config:
 
 * plain: what ``ddpmctl train`` runs in one process (no process group; the CUDA graph on CUDA);
 * torchrun: what every rank of ``torchrun -m ddpmctl train`` runs, forced at world size 1: a one-process
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpmctl.config import resolve  # noqa: E402
-from ddpmctl.engine import StepStats, StopFlag, _Trainer  # noqa: E402
+from ddpmctl.engine import StepStats, StopFlag, Trainer  # noqa: E402
 from ddpmctl.runtime import HOST_WAIT_TIMEOUT, DistInfo  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def run_once(args: argparse.Namespace, data: Path, work: Path, name: str, info: 
         if isinstance(event, StepStats):
             speeds.append(event.images_per_sec)
 
-    _Trainer(cfg, info, on_event, StopFlag()).run()
+    Trainer(cfg, info, on_event, StopFlag()).run()
     return statistics.median(speeds[1:])
 
 

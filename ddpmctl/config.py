@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .layout import RUN_CONFIG
+from .validation import validate
 
 
 @dataclass
@@ -74,9 +76,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # gradient-norm clipping threshold; 0 turns clipping off
     ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
     ema_warmup: bool = True  # ramp the EMA decay as (1+n)/(10+n) so early samples are not noise
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32; bf16 also on MPS, bf16 CPUs
-    compile: bool = False  # torch.compile the model: a minute to compile, then 1.46x the images/s on an H100; none on CPUs
-    channels_last: bool = False  # channels-last memory format on CUDA (off: NCHW trained 25% faster on an H200, README)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32 (bf16 on request: MPS, bf16 CPUs)
+    compile: bool = False  # torch.compile the model: a minute to compile, then faster on CUDA, not CPUs (docs/performance.md)
+    channels_last: bool = False  # channels-last memory format on CUDA (off by default: NCHW trained faster, docs/performance.md)
     cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (bf16/fp32, no accumulation; torchrun too)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     resume_from_checkpoint: str | None = None  # checkpoint_<step> or latest: continue the run from it
@@ -343,10 +345,10 @@ def resolve(config_file: str | Path | None, overrides: dict[str, Any], base: Con
 def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]) -> Config:
     """The run's own config.yaml < YAML file < overrides; resumes from 'latest' unless told otherwise."""
     located = resolve(config_file, overrides)  # only to find WORKING_DIRECTORY/EXPERIMENT_NAME
-    saved = located.run_dir / "config.yaml"
+    saved = located.run_dir / RUN_CONFIG
     if not saved.is_file():
         work = Path(located.run.working_directory)
-        runs = sorted(p.parent.name for p in work.glob("*/config.yaml")) if work.is_dir() else []
+        runs = sorted(p.parent.name for p in work.glob(f"*/{RUN_CONFIG}")) if work.is_dir() else []
         found = (f"runs in {work}: {', '.join(runs)}" if runs else
                  f"{work} holds no run" if work.is_dir() else f"{work} does not exist")
         raise ConfigError(
@@ -376,58 +378,3 @@ def with_absolute_paths(cfg: Config) -> Config:
     paths = {"working_directory": cfg.run.working_directory, "generated_directory": cfg.run.generated_directory,
              "path_to_data": cfg.data.path_to_data}
     return apply_overrides(cfg, {k: absolute_path(v) for k, v in paths.items() if v})
-
-
-def check_attention_resolutions(m: ModelConfig) -> None:
-    """Refuse attention at a resolution the network does not have (it would silently get none there).
-
-    Checked when a run starts, not in :func:`validate`: that runs at each layer of defaults < YAML < options,
-    where a YAML file's ``attention_resolutions: [8]`` may wait for ``--img-size 16`` from the command line.
-    """
-    stages = [m.img_size // 2**i for i in range(len(m.channel_multipliers))]
-    wrong = sorted(set(m.attention_resolutions or ()) - set(stages))
-    if wrong:
-        raise ConfigError(
-            f"attention_resolutions {', '.join(map(str, wrong))}: this model's stages work at "
-            f"{', '.join(map(str, stages))} px; pick among those (or leave it unset: after every downsampling)"
-        )
-
-
-def validate(cfg: Config) -> None:
-    """Reject values that cannot work, with a message that says what to change."""
-    m, d, t, s, lg = cfg.model, cfg.diffusion, cfg.training, cfg.sampling, cfg.logging
-    positive = {
-        "img_size": m.img_size, "starting_channels": m.starting_channels, "num_res_blocks": m.num_res_blocks,
-        "num_heads": m.num_heads, "num_diffusion_timesteps": d.num_diffusion_timesteps,
-        "num_training_steps": t.num_training_steps, "batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps, "evaluation_interval": s.evaluation_interval,
-        "num_generations": s.num_generations, "plot_freq_interval": s.plot_freq_interval,
-        "num_keep_checkpoints": lg.num_keep_checkpoints, "log_interval": lg.log_interval,
-        "max_bad_steps": t.max_bad_steps,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    non_negative = {
-        "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm, "dropout": m.dropout, "ema_decay": t.ema_decay, "eta": s.eta,
-        "bottleneck_blocks": m.bottleneck_blocks, "num_workers": cfg.data.num_workers,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name} must not be negative, got {value}")
-    if not m.channel_multipliers or min(m.channel_multipliers) < 1:
-        raise ConfigError("channel_multipliers must be a list of positive integers, e.g. 1,2,2,2")
-    factor = 2 ** (len(m.channel_multipliers) - 1)
-    if m.img_size % factor:
-        raise ConfigError(
-            f"img_size {m.img_size} must be divisible by {factor} for {len(m.channel_multipliers)} stages; "
-            "change img_size or channel_multipliers"
-        )
-    for name, value in (("dropout", m.dropout), ("ema_decay", t.ema_decay)):
-        if value >= 1:
-            raise ConfigError(f"{name} must be below 1, got {value}")
-    if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
-        raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
-    if d.beta_schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
-        raise ConfigError("the linear schedule needs 0 < beta_start < beta_end < 1")

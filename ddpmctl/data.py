@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from .errors import DataError, DdpmctlWarning
 from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
-from .prepare import PACK_FILE, pack_digest, prepared_files, read_manifest
+from .prepared import PACK_FILE, pack_digest, prepared_files, read_manifest
 
 # Scanning and conversion (images.py) are shared with `ddpmctl prepare`.
 

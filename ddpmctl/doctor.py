@@ -9,7 +9,7 @@ This module orchestrates; none of it prints:
   allocator cannot take the caller down; peak memory = a + b * batch by least squares; the largest batch
   that fits the budget with headroom; the measured images/s.
 * the table - a "scaling guidelines" table (image sizes x starting channels) where each cell is the largest
-  batch that fits and its speed: measured, or (quick mode) extrapolated (:func:`extrapolate`) from the
+  batch that fits and its speed: measured, or (quick mode) extrapolated (:func:`~ddpmctl.memfit.extrapolate`) from the
   measured cell through each model's activation size and FLOPs counted on the ``meta`` device
   (:func:`~ddpmctl.cost.model_cost`, in ``cost.py``); then one recommended
   ``--batch-size B --gradient-accumulation-steps A`` (:func:`recommendation`).
@@ -39,39 +39,18 @@ from .config import Config, apply_overrides, to_dict
 from .cost import ModelCost, model_cost
 from .errors import ConfigError
 from .machine import Check, Environment, child_env, environment
+from .memfit import BYTES_PER_PARAMETER, Fit, extrapolate, fit_line, limit_by_oom, recommend
 from .runtime import select_device
 
 SCHEMA_VERSION = 1
 DEFAULT_IMG_SIZES = (64, 128, 256)
 DEFAULT_CHANNELS = (64, 96, 128)
-# Bytes each parameter costs in training, whatever the batch: fp32 weight, gradient, AdamW m and v, EMA copy.
-BYTES_PER_PARAMETER = 20
 # With one measured point only, the slope is the model's saved activations per image times this prior
 # (peak memory during backward holds the activations plus gradients of the largest ones).
 ONE_POINT_SLOPE_PRIOR = 1.5
 
 
 # ----------------------------------------------------------------------------- the report, as data
-
-
-@dataclass
-class Fit:
-    """Peak memory model: intercept + slope * batch, in bytes."""
-
-    intercept: float
-    slope: float
-    points: int
-    source: str  # "least squares over N points" or how it was derived
-
-    def predict(self, batch: int) -> float:
-        return self.intercept + self.slope * batch
-
-    def max_batch(self, budget: float, headroom: float) -> int:
-        """Largest batch whose predicted peak stays under budget * (1 - headroom); 0 if not even one fits."""
-        usable = budget * (1 - headroom)
-        if self.slope <= 0:
-            return 0 if self.intercept > usable else 1 << 20
-        return max(0, math.floor((usable - self.intercept) / self.slope + 1e-9))
 
 
 @dataclass
@@ -144,35 +123,6 @@ class DoctorReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------- arithmetic
-
-
-def fit_line(points: list[tuple[int, float]]) -> Fit | None:
-    """Least-squares peak = a + b * batch over (batch, peak) points; None with fewer than two batch sizes."""
-    if len({b for b, _ in points}) < 2:
-        return None
-    n = len(points)
-    mx = sum(b for b, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((b - mx) ** 2 for b, _ in points)
-    slope = sum((b - mx) * (y - my) for b, y in points) / sxx
-    return Fit(my - slope * mx, slope, n, f"least squares over {n} measured batch sizes")
-
-
-def limit_by_oom(max_batch: int, points: list[Point]) -> int:
-    """A batch that ran out of memory bounds the answer, whatever the fit says."""
-    failed = [p.batch for p in points if p.oom]
-    return min([max_batch] + [b - 1 for b in failed])
-
-
-def recommend(max_batch: int, target_effective: int) -> tuple[int, int]:
-    """(batch, accumulation) with batch <= max_batch and batch * accumulation >= target, batch as even as can be."""
-    if max_batch < 1:
-        raise ValueError("nothing fits")
-    accum = math.ceil(target_effective / min(max_batch, target_effective))
-    return math.ceil(target_effective / accum), accum
 
 
 # ----------------------------------------------------------------------------- the child process
@@ -304,9 +254,6 @@ def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15
         largest = max((p.batch for p in points if not p.oom and p.batch < first_oom), default=None)
     if start.get("precision_note"):
         notes.append(start["precision_note"])
-    if start.get("backend", name) == "cuda" and cfg.training.cuda_graph and start.get("precision") != "fp16" and best:
-        notes.append("images/s were measured with eager steps; training replays each step as a CUDA graph "
-                     "(without gradient accumulation), which ran 1.5x faster on an H200 at 32 px (less for larger models)")
     return Probe(
         img_size=cfg.model.img_size, starting_channels=cfg.model.starting_channels, backend=start.get("backend", name),
         device=start.get("device", name), precision=start.get("precision", "?"), precision_note=start.get("precision_note"),
@@ -334,22 +281,6 @@ def check_compile(backend_ref: str, timeout: float = 120) -> dict[str, Any]:
 
 def cell_config(cfg: Config, img_size: int, channels: int) -> Config:
     return apply_overrides(cfg, {"img_size": img_size, "starting_channels": channels})
-
-
-def extrapolate(probe_result: Probe, measured: ModelCost, target: ModelCost) -> tuple[int | None, float | None]:
-    """(largest batch, images/s) for another model from the measured one.
-
-    Memory: the per-image slope scales with the activations saved for backward, the intercept with the
-    parameters (BYTES_PER_PARAMETER each). Speed: images/s scales with 1 / FLOPs per image.
-    """
-    fit = probe_result.fit
-    max_batch = None
-    if fit is not None and probe_result.budget_bytes:
-        scaled = Fit(fit.intercept + BYTES_PER_PARAMETER * (target.parameters - measured.parameters),
-                     fit.slope * target.activation_bytes / max(measured.activation_bytes, 1), 0, "extrapolated")
-        max_batch = scaled.max_batch(probe_result.budget_bytes, probe_result.headroom)
-    ips = probe_result.images_per_sec * measured.flops / target.flops if probe_result.images_per_sec else None
-    return max_batch, ips
 
 
 def recommendation(cfg: Config, probe_result: Probe, target_effective: int, config_file: str | None) -> Recommendation | None:
@@ -429,7 +360,8 @@ def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effec
             table.append(Cell(s, c, costs[(s, c)].parameters, other.max_batch, other.images_per_sec, ok,
                               "measured" if ok else "estimated from the model's size"))
         else:
-            mb, ips = extrapolate(result, costs[key], costs[(s, c)])
+            mb, ips = extrapolate(result.fit, result.budget_bytes, result.headroom, result.images_per_sec,
+                                   costs[key], costs[(s, c)])
             source = f"extrapolated from {key[0]}px/{key[1]}ch" + ("" if result.fit and result.fit.points else " (estimated)")
             table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, source))
     environment_report = environment(cfg, backend, compile_result)

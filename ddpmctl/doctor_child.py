@@ -12,81 +12,18 @@ from __future__ import annotations
 import gc
 import importlib
 import json
-import math
 import os
-import re
-import resource
 import sys
 import time
 from typing import Any
 
 import torch
 
-from . import diffusion
 from .config import Config, from_dict
-from .diffusion import Schedule
-from .model import set_low_precision_norms
-from .runtime import Precision, build_model, classify_oom, configure_backends, low_precision_norms, resolve_precision
-from .step import make_optimizer
-
-# ----------------------------------------------------------------------------- memory readings
-
-
-def meminfo_bytes(key: str) -> int | None:
-    """A field of /proc/meminfo in bytes (Linux), or None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def available_ram() -> int | None:
-    """RAM a new allocation can get without swapping: MemAvailable on Linux, free+inactive pages on macOS."""
-    value = meminfo_bytes("MemAvailable")
-    if value is not None or sys.platform != "darwin":
-        return value
-    try:
-        import subprocess
-
-        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5).stdout
-        page = int(re.search(r"page size of (\d+)", out).group(1))
-        pages = sum(int(m.group(1)) for m in re.finditer(r"Pages (?:free|inactive|speculative):\s+(\d+)", out))
-        return pages * page
-    except Exception:  # noqa: BLE001 - an unreadable figure is reported as unknown
-        return None
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            m = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process: VmHWM (resettable on Linux), else ru_maxrss."""
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the peak cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
+from .host import available_ram, peak_rss, reset_peak_rss, status_bytes
+from .memfit import fit_line
+from .parts import build_parts
+from .runtime import Precision, classify_oom, configure_backends, resolve_precision
 
 # ----------------------------------------------------------------------------- backends
 
@@ -101,12 +38,12 @@ class CpuBackend:
         self.device = torch.device("cpu")
 
     def details(self) -> dict[str, Any]:
-        return {"available_ram_bytes": available_ram(), "rss_bytes": _status_kib("VmRSS"),
+        return {"available_ram_bytes": available_ram(), "rss_bytes": status_bytes("VmRSS"),
                 "peak_resettable": os.path.exists("/proc/self/clear_refs")}
 
     def budget_bytes(self) -> int:
         # MemAvailable excludes what this process already holds, and its peak RSS includes it.
-        return int((available_ram() or 0) + (_status_kib("VmRSS") or 0))
+        return int((available_ram() or 0) + (status_bytes("VmRSS") or 0))
 
     def precision(self, requested: str) -> Precision:
         return resolve_precision(requested, self.device)
@@ -135,7 +72,7 @@ class CudaBackend(CpuBackend):
     """torch.cuda.max_memory_allocated against the free memory when the probe started."""
 
     name = "cuda"
-    steps_per_point = 2  # the first step of a new shape runs cuDNN autotuning; measure the second
+    steps_per_point = 2  # a new shape's first step autotunes cuDNN and captures the CUDA graph; measure the second
 
     def __init__(self) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -238,58 +175,22 @@ def load_backend(ref: str) -> CpuBackend:
 
 
 class Prober:
-    """One model + AdamW (+ EMA copy) at the training precision; runs real training steps on demand."""
+    """The training step ``train`` runs (parts.build_parts: model, AdamW, EMA, precision, CUDA graph), on random images."""
 
     def __init__(self, cfg: Config, backend: CpuBackend):
         self.cfg, self.backend = cfg, backend
-        device = backend.device
-        configure_backends(device)
+        configure_backends(backend.device)
         self.precision = backend.precision(cfg.training.precision)
-        torch.manual_seed(cfg.run.seed)
-        self.model = build_model(cfg).to(device)
-        set_low_precision_norms(self.model, low_precision_norms(device))  # as the engine runs it
-        self.channels_last = cfg.training.channels_last and device.type == "cuda"
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        t = cfg.training
-        self.optimizer = make_optimizer(self.params, t.learning_rate, t.weight_decay, device)
-        self.ema = [p.detach().float().clone() for p in self.params] if t.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
-        self.schedule = Schedule(cfg.diffusion, device)
-        # Create the AdamW state now (zero gradients), so every measured step holds it, as training does.
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.parts = build_parts(cfg, backend.device, self.precision)
+        self.parts.step.on_phase = backend.sample  # MPS reads its memory between forward and backward
+        self.parameters = sum(p.numel() for p in self.parts.model.parameters())
 
     def step(self, batch: int) -> None:
-        """One optimizer step as the engine takes it: forward, loss, backward, clip, AdamW, EMA."""
-        device, cfg, be = self.backend.device, self.cfg, self.backend
-        be.begin_step(batch)
-        x0 = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size, device=device) * 2 - 1
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, self.schedule.num_steps, (batch,), device=device)
-        noise = torch.randn_like(x0)
-        x_t = diffusion.q_sample(self.schedule, x0, t, noise)
-        target = diffusion.training_target(self.schedule, x0, t, noise)
-        with self.precision.autocast():
-            pred = self.model(x_t, t)
-        loss = diffusion.loss_fn(pred, target, cfg.diffusion.loss_fn)
-        be.sample()
-        self.scaler.scale(loss).backward()
-        be.sample()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.training.max_grad_norm or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - cfg.training.ema_decay)
-        be.sample()
-        del x0, t, noise, x_t, target, pred, loss
+        """One optimizer step of ``batch`` random images, exactly as training takes it."""
+        size = self.cfg.model.img_size
+        self.backend.begin_step(batch)
+        self.parts.step.step([torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)])
+        self.backend.sample()
 
     def measure(self, batch: int, phase: str, timed_steps: int = 1) -> dict[str, Any]:
         """Peak memory and speed of training steps at ``batch``; an out-of-memory error is a data point."""
@@ -297,6 +198,7 @@ class Prober:
         point: dict[str, Any] = {"event": "point", "phase": phase, "batch": batch, "oom": False,
                                  "peak_bytes": None, "seconds": None, "images_per_sec": None, "error": None}
         started = time.perf_counter()
+        self.parts.step.reset_graph(batch)  # on CUDA, a graph captured for this batch size, as training has
         try:
             for _ in range(be.steps_per_point - 1):  # warm-up steps of a new shape (autotuning, caches)
                 self.step(batch)
@@ -313,7 +215,7 @@ class Prober:
             if kind is None:
                 raise
             point.update(oom=True, error=str(exc).splitlines()[0][:300])
-            self.optimizer.zero_grad(set_to_none=True)
+            self.parts.step.zero_grad(force=True)
             be.release()
         point["wall_seconds"] = time.perf_counter() - started
         return point
@@ -325,8 +227,6 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _fit(points: list[dict[str, Any]]) -> tuple[float, float] | None:
-    from .doctor import fit_line  # the parent's arithmetic, so both sides agree
-
     ok = [(p["batch"], p["peak_bytes"]) for p in points if not p["oom"] and p["peak_bytes"]]
     fit = fit_line(ok)
     return (fit.intercept, fit.slope) if fit else None
@@ -344,7 +244,7 @@ def run_probe(spec: dict[str, Any]) -> None:
     prober = Prober(cfg, backend)
     _emit({"event": "start", "backend": backend.name, "device": str(backend.device), "details": details,
            "budget_bytes": budget, "precision": prober.precision.name, "precision_note": prober.precision.note,
-           "parameters": sum(p.numel() for p in prober.params), "setup_seconds": time.perf_counter() - started})
+           "parameters": prober.parameters, "setup_seconds": time.perf_counter() - started})
     warm = prober.measure(1, "warmup")  # first-call costs (thread pools, kernels, allocator) stay out of the fit
     _emit(warm)
     max_fraction = float(spec.get("max_fraction", 0.5))

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import sha256_file
 from .errors import DataError, DdpmctlError
+from .files import atomic_path, sha256_file
 from .inference import LoadedModel, SampleProgress, iter_samples
 from .sampling import to_uint8
 
@@ -250,11 +250,9 @@ def reference_features(
         if on_progress is not None:
             on_progress(done, len(dataset))
     features = torch.cat(chunks)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"features": features.contiguous()}, str(tmp),
-              metadata={"data_dir": str(root.resolve()), "img_size": str(img_size), "count": str(len(features))})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features.contiguous()}, str(tmp),
+                  metadata={"data_dir": str(root.resolve()), "img_size": str(img_size), "count": str(len(features))})
     return ReferenceFeatures(features, path, False)
 
 

@@ -26,7 +26,7 @@ class TrainStarted:
 class StepStats:
     step: int
     total_steps: int
-    loss: float  # mean over the steps since the last report
+    loss: float | None  # mean over the applied steps since the last report (None before any was applied)
     lr: float
     images_per_sec: float
     grad_norm: float

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoints
+from . import checkpoints, rundir
 from .config import Config, complete_saved, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
@@ -39,7 +39,7 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
     ``compile`` runs it through torch.compile (CUDA graphs on CUDA): slow first batch, faster afterwards.
     ``cuda_graph``: on CUDA, deterministic sampling loops replay as captured graphs (sampling.SamplingGraphs).
     """
-    ckpt, notes = checkpoints.locate(path)
+    ckpt, notes = rundir.locate(path)
     meta = checkpoints.read_meta(ckpt)
     cfg = from_dict(complete_saved(meta.get("config", {})), source=f"{ckpt}/meta.json")
     dev = select_device(device)

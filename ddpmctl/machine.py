@@ -9,7 +9,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from . import __version__
 from .config import Config
-from .doctor_child import available_ram, meminfo_bytes
+from .host import available_ram, command_output, cpu_cores, total_ram
 from .runtime import mps_available
 
 MPS_DEFAULT_HIGH_WATERMARK = 1.7  # torch's default PYTORCH_MPS_HIGH_WATERMARK_RATIO
@@ -51,27 +50,6 @@ class Environment:
     torch_compile: dict[str, Any]
     dataloader: dict[str, Any]
     checks: list[Check] = field(default_factory=list)
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def total_ram() -> int | None:
-    value = meminfo_bytes("MemTotal")
-    if value is None and sys.platform == "darwin":
-        out = _run(["sysctl", "-n", "hw.memsize"])
-        value = int(out) if out and out.isdigit() else None
-    return value
-
-
-def cpu_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def mps_watermark(env: dict[str, str] | None = None) -> tuple[str, str | None]:
@@ -149,7 +127,7 @@ def environment(cfg: Config, backend: str, compile_result: dict[str, Any] | None
     mps = {"available": mps_available(), "built": mps_built, "high_watermark_ratio": in_force,
            "probe_high_watermark_ratio": MPS_CHILD_HIGH_WATERMARK}
     if sys.platform == "darwin":
-        if platform.machine() == "x86_64" and _run(["sysctl", "-n", "sysctl.proc_translated"]) == "1":
+        if platform.machine() == "x86_64" and command_output(["sysctl", "-n", "sysctl.proc_translated"]) == "1":
             checks.append(Check("MPS", "fail", "this Python runs under Rosetta (x86_64), so MPS is not available",
                                 "install an arm64 Python (python.org or Homebrew) and reinstall torch"))
         elif not mps["available"]:

@@ -89,9 +89,8 @@ def spell_out_attention(q: torch.Tensor) -> bool:
     """Whether plain matmuls beat scaled_dot_product_attention here.
 
     MPS: its fused kernel has been unreliable. CPU in bf16 on short sequences: the CPU flash kernel's
-    backward is slow there (10 ms of a 300 ms demo step), and the matmuls trained 11-13% more images/s
-    (demo config and compare.py --quick, 2-core EPYC); in fp32 the two were level, so fp32 and long
-    sequences (memory grows with their square) keep the fused kernel.
+    backward is slow there and the plain matmuls trained faster; in fp32 the two were level, so fp32 and
+    long sequences (memory grows with their square) keep the fused kernel (docs/performance.md).
     """
     if q.device.type == "mps":
         return True

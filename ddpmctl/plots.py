@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -44,8 +45,9 @@ def loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     fig.legend(loc="upper right")
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out_path

@@ -1,11 +1,5 @@
-"""Turn any folder of images into a verified training set: RGB, N x N PNGs, a manifest, a report, an optional packed array.
-
-Layout of a prepared folder DST::
-
-    DST/manifest.json    # settings, and per source: output file, size, mtime, SHA-256 of source and output
-    DST/report.txt       # what was skipped and why, which images were smaller than N
-    DST/images/...       # one N x N RGB PNG per usable source, mirroring SRC's sub-folders
-    DST/packed.npy       # with pack=True: every image in one uint8 (count, 3, N, N) array, memory-mapped by training
+"""Turn any folder of images into a verified training set: RGB, N x N PNGs, a manifest, a report, an optional
+packed array (the layout of a prepared folder is in prepared.py).
 
 The library never prints: progress goes through a callback, the result is a dataclass.
 """
@@ -14,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import signal
 import time
@@ -26,18 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .files import atomic_path
+from .host import cpu_cores
 from .images import CROPS, IMAGE_EXTENSIONS, describe_error, find_images, is_small, load_square, open_image
+from .prepared import (
+    FORMAT,
+    IMAGES_DIR,
+    MANIFEST,
+    PACK_FILE,
+    REPORT,
+    VERSION,
+    pack_digest,
+    read_manifest,
+    write_manifest,
+    write_pack,
+)
 
-MANIFEST = "manifest.json"
-REPORT = "report.txt"
-IMAGES_DIR = "images"
-PACK_FILE = "packed.npy"
-FORMAT = "ddpmctl-prepared"
-VERSION = 2  # 2: embedded ICC colour profiles converted to sRGB (version 1 sets are converted again once)
 SMALL_POLICIES = ("upscale", "skip")
 SMALL_DONE = {"upscale": "upscaled", "skip": "skipped"}  # what each policy did, for the report
 
@@ -95,55 +95,15 @@ def _process(job: tuple[str, str, str | None, Settings]) -> dict[str, Any]:
                 return {**result, "status": "small_skipped"}
             rgb = load_square(im, s.size, s.crop, s.background)
         buf = io.BytesIO()
-        # zlib's run-length strategy: about the size of the default on photos and flat art, 5-7x faster to
-        # write and ~30% faster to decode (measured on 128 px images), which is what training waits on.
+        # zlib's run-length strategy: about the size of the default on photos and flat art, much faster to
+        # write and faster to decode (docs/performance.md), which is what training waits on.
         rgb.save(buf, format="PNG", compress_type=zlib.Z_RLE)
         png = buf.getvalue()
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = f"{out}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(png)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(png)
         return {**result, "status": "ok", "out_sha256": _sha256(png)}
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run; the reason goes in the report
         return {**result, "status": "rejected", "reason": describe_error(exc)}
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def read_manifest(dst: str | Path) -> dict[str, Any] | None:
-    """The manifest of a prepared folder, or None if ``dst`` holds none (DataError if it is damaged)."""
-    path = Path(dst) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is damaged ({exc}): delete it and run 'ddpmctl prepare' again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("images"), dict):
-        raise DataError(f"{path} is not a ddpmctl manifest: delete it or use another folder")
-    return manifest
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))  # compact: ~250 bytes per image
-    os.replace(tmp, path)
-
-
-def pack_digest(manifest: dict[str, Any]) -> str:
-    """Fingerprint of the ordered outputs: a packed array is fresh only while this matches."""
-    h = hashlib.sha256(str(manifest["size"]).encode())
-    for rel in sorted(manifest["images"]):
-        h.update(manifest["images"][rel]["out_sha256"].encode())
-    return h.hexdigest()
-
-
-def prepared_files(dst: str | Path, manifest: dict[str, Any]) -> list[Path]:
-    """The output PNGs of a prepared folder in manifest (sorted source) order: the order of the packed array."""
-    dst = Path(dst)
-    return [dst / manifest["images"][rel]["file"] for rel in sorted(manifest["images"])]
 
 
 def _output_name(rel: str, taken: set[str]) -> str:
@@ -297,7 +257,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
                 stale.append(dst / out_rel)  # a source that became unusable must not leave its old output behind
             progress("convert", done_before + i, len(sources))
             if time.monotonic() - last_save > 60:  # an interrupted long run keeps what it finished
-                _write_json(dst / MANIFEST, manifest_now())
+                write_manifest(dst / MANIFEST, manifest_now())
                 last_save = time.monotonic()
     finally:
         # The prepared set mirrors SRC: outputs of sources that are gone or unusable are deleted, but only if
@@ -311,7 +271,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
                 if rel not in seen:
                     _remove(dst / entry["file"])
                     result.removed += 1
-            _write_json(dst / MANIFEST, manifest_now())
+            write_manifest(dst / MANIFEST, manifest_now())
 
     result.small = sorted(set(result.small) | {rel for rel, e in images.items() if e.get("small")})
     result.count = len(images)
@@ -320,7 +280,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     if result.count:
         _update_pack(dst, manifest, pack, result, progress)
     if not keep_old:
-        _write_json(dst / MANIFEST, manifest)
+        write_manifest(dst / MANIFEST, manifest)
     result.report = dst / REPORT
     result.report.write_text(format_report(src, result))
     result.seconds = time.perf_counter() - started
@@ -335,7 +295,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
 
 def _run(jobs: list[tuple[str, str, str | None, Settings]], workers: int | None) -> Iterable[dict[str, Any]]:
     """Results of ``_process`` in job order, over ``workers`` processes (1: in this process)."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    workers = max(1, min(workers or cpu_cores(), len(jobs)))
     if workers == 1:
         yield from map(_process, jobs)
         return
@@ -373,29 +333,8 @@ def _update_pack(dst: Path, manifest: dict[str, Any], pack: bool | None, result:
     if existing and existing.get("digest") == digest and path.is_file():
         result.pack = path
         return
-    files = prepared_files(dst, manifest)
-    size = manifest["size"]
-    tmp = dst / (PACK_FILE + ".tmp")
-    # (count, 3, N, N): channel-first like the dataset items, so a batch is one slice with no transpose.
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            del arr
-            _remove(tmp)
-            raise DataError(f"prepared image {f} is damaged or unreadable ({describe_error(exc)}): delete it and "
-                            "run 'ddpmctl prepare' again to rewrite it") from None
-        if a.shape != (size, size, 3):
-            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]}, not {size}x{size}: run 'ddpmctl prepare' again")
-        arr[i] = a.transpose(2, 0, 1)
-        if i % 256 == 0 or i == len(files) - 1:
-            progress("pack", i + 1, len(files))
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
-    manifest["pack"] = {"file": PACK_FILE, "count": len(files), "digest": digest}
+    count = write_pack(dst, manifest, lambda done, total: progress("pack", done, total))
+    manifest["pack"] = {"file": PACK_FILE, "count": count, "digest": digest}
     result.pack, result.pack_written = path, True
 
 

@@ -1,44 +1,21 @@
-"""Thinning out and exporting a run's checkpoints: what ``ddpmctl checkpoints prune|export`` do.
+"""Thinning out a run's checkpoints: what ``ddpmctl checkpoints prune`` does.
 
 :func:`plan_prune` decides which checkpoint folders to keep and which to remove (with the reason for
 each), and :func:`execute_prune` deletes them under the run's lock, always sparing the newest good
-checkpoint (one whose files match their checksums: what resume would load). :func:`export_weights`
-writes a checkpoint's EMA (else raw) weights as one safetensors file that carries the model config in its
-metadata, loadable without ddpmctl's checkpoint code.
+checkpoint (one whose files match their checksums: what resume would load).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from .checkpoints import (
-    _NAME,
-    EMA,
-    META,
-    MODEL,
-    CheckpointInfo,
-    _discard,
-    _fsync_dir,
-    _fsync_file,
-    inspect_checkpoint,
-    list_checkpoints,
-    load_weights,
-    locate,
-    newest_good,
-    read_meta,
-    runs_hint,
-    runs_in,
-)
-from .config import complete_saved
+from .checkpoints import META, CheckpointInfo, inspect_checkpoint
 from .errors import CheckpointError
+from .files import fsync_dir
+from .layout import CHECKPOINT_PATTERN
+from .rundir import discard, list_checkpoints, newest_good, runs_hint, runs_in
 from .runlock import RunLock
-
-# ----------------------------------------------------------------------------- prune
 
 
 @dataclass
@@ -60,10 +37,10 @@ def check_run_dir(run_dir: Path) -> None:
         raise CheckpointError(f"{run_dir} is a file, not a run folder; pass its folder {run_dir.parent} if that is the run")
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
-    if _NAME.match(run_dir.name) and (run_dir / META).is_file():
+    if CHECKPOINT_PATTERN.match(run_dir.name) and (run_dir / META).is_file():
         raise CheckpointError(f"{run_dir} is a checkpoint folder; pass its run folder {run_dir.parent}")
     runs = runs_in(run_dir)
-    if runs and not any(_NAME.match(p.name) and p.is_dir() for p in run_dir.iterdir()):
+    if runs and not any(CHECKPOINT_PATTERN.match(p.name) and p.is_dir() for p in run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} holds no checkpoint: it is a working directory holding {runs_hint(run_dir, runs)}")
 
 
@@ -123,74 +100,12 @@ def _execute_prune(plan: PrunePlan) -> list[Path]:
         if info.path.resolve() in spared or not info.path.is_dir():
             continue
         try:
-            _discard(info.path)
+            discard(info.path)
         except FileNotFoundError:
             continue  # gone meanwhile
         except OSError as exc:
             done = f" ({len(removed)} deleted before it)" if removed else ""
             raise CheckpointError(f"could not delete {info.path}: {exc.strerror or exc}{done}") from None
         removed.append(info.path)
-    _fsync_dir(plan.run_dir)
+    fsync_dir(plan.run_dir)
     return removed
-
-
-# ----------------------------------------------------------------------------- export
-
-
-@dataclass
-class ExportResult:
-    source: Path
-    out: Path
-    weights: str  # "ema" or "model"
-    step: int
-    tensors: int
-    size_bytes: int
-    notes: list[str]
-
-
-def export_weights(path: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
-    """Write a checkpoint's EMA (else raw) weights as one safetensors file, model config in its metadata.
-
-    Read it back without ddpmctl's checkpoint code::
-
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        from ddpmctl.model import UNet
-        from ddpmctl.config import saved_model_config
-        meta = safe_open(FILE, "pt").metadata()
-        model = UNet(saved_model_config(json.loads(meta["model_config"])))  # fills options the file predates
-        model.load_state_dict(load_file(FILE))
-    """
-    ckpt, notes = locate(path)
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise CheckpointError(f"{out} is a folder: pass a file name such as {out / 'model.safetensors'}")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists: pass --force to overwrite it")
-    meta = read_meta(ckpt)
-    config = complete_saved(meta.get("config", {}))
-    if "model" not in config:
-        raise CheckpointError(f"{ckpt / META} holds no model config")
-    which = EMA if (ckpt / EMA).is_file() else MODEL
-    if which == MODEL:
-        notes.append(f"{ckpt.name} has no EMA weights; exported the raw weights")
-    weights = load_weights(ckpt, which)
-    metadata = {
-        "format": "pt",
-        "model_config": json.dumps(config["model"]),
-        "diffusion_config": json.dumps(config.get("diffusion", {})),
-        "weights": "ema" if which == EMA else "model",
-        "step": str(meta.get("step")),
-        "ddpmctl_version": str(meta.get("ddpmctl_version", "")),
-        "source": str(ckpt),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file(weights, str(tmp), metadata=metadata)
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {out}: {exc.strerror or exc}") from None
-    return ExportResult(ckpt, out, metadata["weights"], int(meta["step"]), len(weights), out.stat().st_size, notes)

@@ -1,9 +1,10 @@
 """The run's lock: one process at a time trains (or prunes) a run.
 
 :class:`RunLock` holds an exclusive ``flock`` on ``RUN_DIR/.lock`` while the process training the run
-(rank 0) or ``checkpoints prune`` works on it; :func:`ensure_not_in_use` refuses with
-:class:`RunInUseError` while another process holds it. The lock belongs to the open file, so a killed
-process never leaves a stale lock behind. Where ``fcntl`` is missing (Windows) nothing is locked.
+(rank 0) or ``checkpoints prune`` works on it, and refuses with :class:`RunInUseError` while another
+process holds it; :func:`is_training` asks whether one does without writing anything. The lock belongs
+to the open file, so a killed process never leaves a stale lock behind. Where ``fcntl`` is missing
+(Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoints import LOCK
 from .errors import CheckpointError, ConfigError
+from .layout import LOCK
 
 try:  # POSIX only: on Windows runs are not locked
     import fcntl
@@ -60,16 +61,14 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 what = "create the run folder" if create and not self.run_dir.is_dir() else "write to"
-                raise ConfigError(f"cannot {what} {self.run_dir}: {exc.strerror or exc}; pass a "
-                                  "--working-directory you can write to") from None
+                hint = "; pass a --working-directory you can write to" if create else ""
+                raise ConfigError(f"cannot {what} {self.run_dir}: {exc.strerror or exc}{hint}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = _read_pid(fd)
                 os.close(fd)
-                raise RunInUseError(f"run {self.run_dir} is in use by another ddpmctl process"
-                                    f"{f' (pid {owner})' if owner else ''}: wait for it to finish or stop it "
-                                    "first") from None
+                raise in_use_error(self.run_dir, owner) from None
             except OSError:  # a file system without locks (some network mounts): go on unlocked
                 os.close(fd)
                 return self
@@ -108,18 +107,24 @@ class RunLock:
         self.release()
 
 
+def in_use_error(run_dir: Path, owner: int | None = None) -> RunInUseError:
+    """The error for a run another process holds; ``owner`` (else the lock file, read-only) names its pid."""
+    if owner is None:
+        try:
+            text = (run_dir / LOCK).read_text()[:32].strip()
+        except OSError:
+            text = ""
+        owner = int(text) if text.isdigit() else None
+    return RunInUseError(f"run {run_dir} is in use by another ddpmctl process{f' (pid {owner})' if owner else ''}: "
+                         "wait for it to finish or stop it first")
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def ensure_not_in_use(run_dir: str | Path) -> None:
-    """RunInUseError if a process is training ``run_dir`` now (takes and at once releases the lock)."""
-    with RunLock(run_dir):
-        pass
 
 
 def is_training(run_dir: str | Path) -> bool | None:

@@ -260,10 +260,8 @@ def is_compiled(model: torch.nn.Module) -> bool:
 
 
 def low_precision_norms(device: torch.device) -> bool:
-    """Whether GroupNorm runs in autocast's dtype on this device (model.GroupNorm); CUDA autocast would use fp32.
-
-    Measured on an H200 (bf16, CIFAR-10 UNet, batch 128): 8% more training images/s than fp32 norms.
-    """
+    """Whether GroupNorm runs in autocast's dtype on this device (model.GroupNorm); CUDA autocast would use fp32,
+    which measured slower (docs/performance.md)."""
     return device.type == "cuda"
 
 
@@ -271,7 +269,7 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: 
     """The inference fast path: low-precision norms on CUDA, optionally compiled (NCHW, as training).
 
     Compiled on CUDA, it uses the compiler's own CUDA graphs (mode="reduce-overhead"): replaying
-    ddpmctl's whole-loop graph around a compiled network crashed on an H200 (torch 2.11), so
+    ddpmctl's whole-loop graph around a compiled network crashed (torch 2.11, docs/performance.md), so
     sampling.SamplingGraphs skips compiled models. Uncompiled, SamplingGraphs captures the loop itself.
     Compiled on the CPU, the weights are frozen into the compiled graph (see FrozenCompiled), so the
     caller must not change them afterwards (inference.load_model never does).
@@ -286,9 +284,9 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device, compile: 
 
 class FrozenCompiled(torch.nn.Module):
     """torch.compile for inference with the weights frozen in: constants folded, oneDNN convolutions with
-    pre-packed weights on the CPU (a forward of compare.py's --quick model at batch 16: 21 ms against 29
-    eager on 2 cores). Inductor reads its ``freezing`` switch while Dynamo traces, i.e. during the call,
-    so each call turns it on (``torch.compile(options=...)`` is applied too late to freeze anything).
+    pre-packed weights on the CPU (faster than eager: docs/performance.md). Inductor reads its ``freezing``
+    switch while Dynamo traces, i.e. during the call, so each call turns it on (``torch.compile(options=...)``
+    is applied too late to freeze anything).
     Freezing applies to calls without autograd (sampling); a call that records gradients compiles apart.
     """
 

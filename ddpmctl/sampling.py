@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 from . import diffusion
 from .diffusion import Schedule
 from .errors import DdpmctlError
+from .files import atomic_path
 from .runtime import capture_cuda_graph, classify_oom, is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
@@ -266,13 +266,6 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
 
     path = Path(path)
     pixels = image if image.dtype == torch.uint8 else to_uint8(image)
-    arr = pixels.permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy(), "RGB").save(tmp, format="PNG")
     return path

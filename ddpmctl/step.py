@@ -1,17 +1,22 @@
-"""The compute of one training step, shared by the trainer (engine.py) and benchmarks/compare.py.
+"""The training step, the only one: the engine, doctor's probe and benchmarks/compare.py all call TrainStep.step.
 
-``TrainStep.forward_backward`` turns uint8 micro-batches into unscaled, clipped gradients and returns the
-loss, the gradient norm and the value whose finiteness decides whether the update may be applied; the
-trainer then runs the optimizer, LR schedule and EMA. On CUDA (no gradient accumulation, no fp16 loss
-scaling) the whole forward + backward (+ clip) is captured once as a CUDA graph and replayed each step:
-the UNet's hundreds of small kernels then cost one launch instead of hundreds of Python dispatches,
-which is what bounds an eager UNet at 32 px (see the README's Performance section). Under torchrun the
-graph replaces DistributedDataParallel: ``GradSync`` all-reduces the gradients after each replay.
+uint8 micro-batches in; loss, gradients (accumulated, all-reduced under torchrun, unscaled, clipped) and the
+update out: AdamW, the LR schedule and the EMA. A step whose loss or gradients are not finite leaves the
+weights and the optimizer state as they were, yet counts as a step on every device (the step counter, LR
+schedule and EMA move on), so a run counts the same steps wherever it trains. Where AdamW is fused (CUDA,
+the CPU) it skips the update itself from a device flag (``found_inf``), so no step waits for the host.
+
+On CUDA (no gradient accumulation, no fp16 loss scaling) forward + backward (+ clip) is captured once as a
+CUDA graph and replayed each step: the UNet's hundreds of small kernels then cost one launch instead of
+hundreds of Python dispatches, which is what bounds an eager UNet at 32 px (docs/performance.md). Under
+torchrun the graph replaces DistributedDataParallel: ``GradSync`` all-reduces the gradients after each replay.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import diffusion
 from .diffusion import Schedule
 from .errors import DdpmctlError
+from .gradsync import GradSync, bind_grads
 from .runtime import Precision, capture_cuda_graph, classify_oom
+from .state import EMA
 
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
 
@@ -40,74 +47,11 @@ def graph_blocker(device: torch.device, precision: Precision, accumulation: int,
     return None
 
 
-def bind_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
-    """Make ``grads[i]`` the .grad of ``params[i]``, keeping the values of any other .grad found there."""
-    for p, g in zip(params, grads, strict=True):
-        if p.grad is not g:
-            if p.grad is not None:
-                g.copy_(p.grad)
-            p.grad = g
-
-
-class GradSync:
-    """Data-parallel gradients without DistributedDataParallel, for a step replayed as a CUDA graph.
-
-    Every gradient is a view of one flat fp32 buffer (as DDP's ``gradient_as_bucket_view``), so a
-    captured backward accumulates into fixed addresses and one all-reduce, issued after the replay and
-    outside the graph, averages them across ranks. Unlike DDP it does not overlap communication with
-    the backward pass; at the sizes where a graph pays (small models, launch-bound), the replay gains far more.
-    A parameter that gets no gradient gets zeros rather than None (AdamW then still decays it); every
-    parameter of ddpmctl's UNet takes part in each step.
-    """
-
-    def __init__(self, params: list[nn.Parameter], group: Any = None):
-        if not self.supports(params):
-            raise ValueError("GradSync needs dense parameters of one dtype on one device")
-        self.params, self.group = params, group
-        self.world = dist.get_world_size(group)
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        self.views: list[torch.Tensor] = []
-        offset = 0
-        for p in params:  # each view laid out as its parameter (channels_last too): fused AdamW pairs them flat
-            self.views.append(self.flat[offset:offset + p.numel()].as_strided(p.shape, p.stride()))
-            offset += p.numel()
-        self.attach()
-
-    @staticmethod
-    def supports(params: list[nn.Parameter]) -> bool:
-        """Whether the parameters fit one flat buffer: one dtype, one device, each densely laid out."""
-        return (bool(params) and len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1
-                and all(torch.empty_like(p).stride() == p.stride() for p in params))
-
-    def broadcast_from_rank0(self, module: nn.Module) -> None:
-        """Start every rank from rank 0's weights and buffers, as DDP's constructor does."""
-        with torch.no_grad():
-            for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t.data, src=0, group=self.group)
-
-    def attach(self) -> None:
-        """Point every .grad at its view of the flat buffer (anything that dropped or replaced one)."""
-        bind_grads(self.params, self.views)
-
-    def zero(self) -> None:
-        """Attach and clear: the next backward accumulates into the flat buffer."""
-        self.attach()
-        self.flat.zero_()
-
-    def all_reduce(self) -> None:
-        """Average the gradients over the ranks (no host wait)."""
-        self.attach()
-        dist.all_reduce(self.flat, group=self.group)
-        self.flat.div_(self.world)
-
-
-def make_optimizer(params: Any, lr: float, weight_decay: float, device: torch.device,
-                   deferred_guard: bool = False) -> torch.optim.AdamW:
+def make_optimizer(params: Any, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused on CUDA and the CPU: one multi-tensor kernel instead of a Python loop over the
-    parameters (4% of a small model's CPU step), and on CUDA the device-side skip of non-finite steps
-    (``found_inf``). MPS keeps PyTorch's default implementation."""
-    fused = device.type in ("cuda", "cpu") or deferred_guard
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    parameters, and the device-side skip of non-finite steps (``found_inf``). MPS keeps PyTorch's
+    default implementation."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu") or None)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -130,8 +74,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
                 optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
+@dataclass
+class StepResult:
+    """What one optimisation step leaves on the device (reading any of them waits for it)."""
+
+    loss: torch.Tensor  # scalar: mean loss over the step's micro-batches
+    grad_norm: torch.Tensor  # scalar: gradient norm before clipping
+    skipped: torch.Tensor  # scalar float: 1.0 when the loss or a gradient was not finite and the update was skipped
+
+
 class TrainStep:
-    """Forward, backward, unscale and clip for one optimisation step (optionally as a replayed CUDA graph)."""
+    """One optimisation step: forward, backward, clip and update (optionally as a replayed CUDA graph)."""
 
     def __init__(
         self,
@@ -139,10 +92,12 @@ class TrainStep:
         train_model: nn.Module,
         schedule: Schedule,
         precision: Precision,
-        scaler: torch.amp.GradScaler,
         optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
         device: torch.device,
         *,
+        scaler: torch.amp.GradScaler | None = None,
+        ema: EMA | None = None,
         loss_fn: str = "mse",
         random_flip: bool = True,
         channels_last: bool = False,
@@ -153,24 +108,34 @@ class TrainStep:
         cuda_graph: bool = False,
         graph_batch: int | None = None,
     ):
-        self.model, self.train_model = model, train_model
-        self.schedule, self.precision, self.scaler, self.optimizer = schedule, precision, scaler, optimizer
-        self.device = device
+        self.model, self.train_model = model, train_model  # train_model: model wrapped by DDP and/or torch.compile
+        self.schedule, self.precision, self.device = schedule, precision, device
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         self.loss_fn, self.random_flip, self.channels_last = loss_fn, random_flip, channels_last
         self.accumulation = accumulation
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.ddp, self.grad_sync = ddp, grad_sync
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Fused AdamW skips a non-finite update on the device; fp16 loss scaling and MPS decide on the host.
+        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not precision.use_scaler
         blocker = graph_blocker(device, precision, accumulation, ddp is not None) if cuda_graph else "off"
-        self.use_graph = blocker is None
+        self.graph_wanted = blocker is None and self.skip_on_device
+        self.use_graph = self.graph_wanted  # turned off for good if a capture fails
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: torch.Tensor | None = None
         self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor | None = None
-        self.graph_note: str | None = None  # set if capture failed and the step fell back to eager
+        self.graph_note: str | None = None  # set if capture failed (on any rank) and the step fell back to eager
         self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
         self.static_rows: torch.Tensor | None = None
         self._rng: torch.Tensor | None = None  # the CUDA RNG state before the warm-up
         self.graph_grads: list[torch.Tensor | None] = []  # the .grad tensors the captured backward writes
+        self.graph_checked = False  # whether every rank's capture outcome has been counted (GradSync)
+        self.on_phase: Callable[[], None] | None = None  # called after each forward and backward (doctor's memory probe)
+
+    @property
+    def distributed(self) -> bool:
+        return self.ddp is not None or self.grad_sync is not None
 
     # -- eager ------------------------------------------------------------------------------------
 
@@ -196,11 +161,15 @@ class TrainStep:
                 pred = self.train_model(x_t, t)
             if rows is None:
                 loss = diffusion.loss_fn(pred, target, self.loss_fn)
-            else:  # the graph's fixed-size batch: only the first `rows` images are real (see _graphed)
+            else:  # the graph's fixed-size batch: only the first `rows` images are real (see _capture)
                 per_image = diffusion.loss_fn(pred, target, self.loss_fn, reduction="none").flatten(1).mean(1)
                 real = torch.arange(per_image.shape[0], device=per_image.device) < rows
                 loss = torch.where(real, per_image, 0.0).sum() / rows  # where, not *: a padded NaN must not leak
+            if self.on_phase is not None:
+                self.on_phase()
             self.scaler.scale(loss / self.accumulation).backward()
+            if self.on_phase is not None:
+                self.on_phase()
         return loss.detach()
 
     def _gradients(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,9 +228,6 @@ class TrainStep:
             self.device, warmup, lambda: body([self.static_batch], self.static_rows))
         self.graph_grads = [p.grad for p in self.params]
 
-    def _fits(self, batch: torch.Tensor) -> bool:
-        return batch.shape[1:] == self.static_batch.shape[1:] and batch.shape[0] <= self.static_batch.shape[0]
-
     def _load(self, batch: torch.Tensor) -> None:
         """Copy a batch into the graph's input rows (no host wait); rows past it keep old, unused images."""
         self.static_batch[: batch.shape[0]].copy_(batch, non_blocking=True)
@@ -278,10 +244,9 @@ class TrainStep:
         """
         if not self.use_graph:
             return self._eager(batches)
-        batch = batches[0]
         if self.graph is None:
             try:
-                self._capture(batch)
+                self._capture(batches[0])
             except DdpmctlError:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. an op that cannot be captured: train without the graph
@@ -293,38 +258,65 @@ class TrainStep:
                     raise
                 self.graph_note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); training without it"
                 return self._eager(batches)
-        elif self._fits(batch):
-            self._load(batch)
-        else:  # a batch the graph cannot hold (never from the engine): eagerly, into the graph's gradients
-            torch._foreach_zero_(self.graph_grads)
-            out = self._eager(batches)  # backward accumulates into the existing .grad tensors, in place
-            self._rebind()
-            return out
+        else:
+            self._load(batches[0])  # the engine's batches never exceed graph_batch
         self.graph.replay()
         if self.grad_sync is not None:  # the graph left this rank's gradients: average them, then clip
             return self._finish(self.static_out)
         return self.static_out
 
-    def apply(self, scheduler: torch.optim.lr_scheduler.LRScheduler, ema: Any | None,
-              bad: torch.Tensor | None = None) -> None:
-        """The update after forward_backward: AdamW, LR schedule, EMA; gradients dropped for the next step.
+    # -- the step ---------------------------------------------------------------------------------
 
-        ``bad`` (1.0 when the step is not finite) makes fused AdamW skip the update on the device, so the
-        decision needs no host wait; the host-checked path passes None after deciding itself.
-        """
-        if bad is not None:
-            self.optimizer.found_inf = bad  # read by fused AdamW, as GradScaler uses it
+    def step(self, batches: list[torch.Tensor]) -> StepResult:
+        """One optimisation step over ``batches`` (the micro-batches); waits for the device only on MPS and fp16."""
+        loss, grad_norm, check = self.forward_backward(batches)
+        if self.distributed:  # every rank takes the same decision: a sum is finite only if every rank's is
+            check = check.detach().float().reshape(1)
+            dist.all_reduce(check)
+            self._count_failed_captures()
+        skipped = (~torch.isfinite(check)).reshape(()).float()
+        if self.skip_on_device:
+            self.optimizer.found_inf = skipped  # read by fused AdamW, as GradScaler uses it: 1.0 skips the update
+            self._update()
+        elif not bool(skipped):
+            self._update()
+        else:
+            self.scaler.update()  # fp16: the scaler backs off after a non-finite step
+        self.scheduler.step()
+        self.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return StepResult(loss, grad_norm, skipped)
+
+    def _update(self) -> None:
         if self.graph is not None:
             self._rebind()  # AdamW would silently skip parameters whose .grad was set to None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        scheduler.step()
-        self.zero_grad()
-        if ema is not None:
-            ema.update(self.model)
+
+    def _count_failed_captures(self) -> None:
+        """Once, under GradSync: how many ranks train without the graph (only rank 0 speaks, so it is told)."""
+        if self.grad_sync is None or self.graph_checked:
+            return
+        self.graph_checked = True
+        failed = torch.tensor([float(self.graph is None)], device=self.device)
+        dist.all_reduce(failed)
+        if failed.item() and not self.graph_note:
+            self.graph_note = (f"CUDA graph capture failed on {int(failed.item())} of {dist.get_world_size()} "
+                               "ranks; they train without it")
 
     def zero_grad(self, force: bool = False) -> None:
         """Drop the gradients after an update. A captured graph overwrites its own each replay and GradSync
         clears its buffer before each backward, so those stay (re-binding them would only cost time)."""
         if force or (self.graph is None and self.grad_sync is None):
             self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_graph(self, graph_batch: int) -> None:
+        """Drop the captured graph and its memory: the next step captures one for ``graph_batch`` images
+        (doctor's probe, which measures one batch size after another; a capture that ran out of memory
+        at one size may fit at the next)."""
+        if self.graph is not None:
+            self.graph = self.static_out = self.static_batch = self.static_rows = None
+            self.graph_grads = []
+            self.zero_grad(force=True)
+        self.graph_batch, self.use_graph = graph_batch, self.graph_wanted

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
-from ddpmctl import prune
+from ddpmctl import layout, prune, rundir
 from ddpmctl.cli import checkpoints as cli_checkpoints
 from ddpmctl.cli.main import app
 from ddpmctl.config import ModelConfig, saved_model_config
@@ -119,7 +119,7 @@ def test_resave_of_same_step_replaces_it_and_killed_replacement_is_restored(tmp_
     first.rename(tmp_path / f".old-checkpoint_3-{dead_pid}")
     (tmp_path / f".tmp-checkpoint_4-{dead_pid}").mkdir()
     (tmp_path / f".trash-checkpoint_1-{dead_pid}").mkdir()
-    ck.clean_stale_temporaries(tmp_path)
+    rundir.clean_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3"]
     assert ck.inspect_checkpoint(tmp_path / "checkpoint_3", verify_hashes=True).complete
 
@@ -128,7 +128,7 @@ def test_rotate_keeps_newest_complete_and_ignores_damaged(tmp_path: Path) -> Non
     for step in (1, 2, 3, 4):
         fake_checkpoint(tmp_path, step, ema=False)
     (tmp_path / "checkpoint_5").mkdir()  # damaged newest: must not count as one of the kept
-    removed = ck.rotate(tmp_path, keep=2, protect=tmp_path / "checkpoint_4")
+    removed = rundir.rotate(tmp_path, keep=2, protect=tmp_path / "checkpoint_4")
     assert sorted(p.name for p in removed) == ["checkpoint_1", "checkpoint_2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3", "checkpoint_4", "checkpoint_5"]
 
@@ -142,7 +142,8 @@ def test_rotation_during_training_does_not_hash_every_checkpoint(tmp_path: Path,
         raise AssertionError("rotation runs at every save: it checks sizes, it must not re-read every checkpoint")
 
     monkeypatch.setattr(ck, "sha256_file", no_hashing)
-    assert [p.name for p in ck.rotate(tmp_path, keep=1, protect=tmp_path / "checkpoint_3")] == ["checkpoint_1", "checkpoint_2"]
+    removed = rundir.rotate(tmp_path, keep=1, protect=tmp_path / "checkpoint_3")
+    assert [p.name for p in removed] == ["checkpoint_1", "checkpoint_2"]
 
 # ----------------------------------------------------------------------------- damage and fallback
 
@@ -155,7 +156,7 @@ def test_truncated_newest_is_detected_and_resolve_falls_back_with_a_note(tmp_pat
         fh.truncate(100)
     info = ck.inspect_checkpoint(newest)
     assert not info.complete and "model.safetensors is truncated" in info.problem
-    path, notes = ck.resolve_checkpoint(tmp_path)
+    path, notes = rundir.resolve_checkpoint(tmp_path)
     assert path == tmp_path / "checkpoint_20"
     assert len(notes) == 1 and "checkpoint_30 is damaged" in notes[0] and "using checkpoint_20" in notes[0]
 
@@ -168,10 +169,10 @@ def test_same_size_corruption_is_caught_by_the_checksum(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
     assert ck.inspect_checkpoint(tmp_path / "checkpoint_2").complete  # sizes alone cannot see it
-    path, notes = ck.resolve_checkpoint(tmp_path, "latest")
+    path, notes = rundir.resolve_checkpoint(tmp_path, "latest")
     assert path.name == "checkpoint_1" and "does not match its checksum" in notes[0]
     with pytest.raises(CheckpointError, match="checkpoint_2 is damaged"):
-        ck.resolve_checkpoint(tmp_path, "checkpoint_2")  # named explicitly: no silent substitute
+        rundir.resolve_checkpoint(tmp_path, "checkpoint_2")  # named explicitly: no silent substitute
 
 
 def test_no_usable_checkpoint_says_why_each_one_is_unusable_checksums_included(tmp_path: Path) -> None:
@@ -180,12 +181,12 @@ def test_no_usable_checkpoint_says_why_each_one_is_unusable_checksums_included(t
     flip_byte(tmp_path / "checkpoint_1" / ck.MODEL)
     flip_byte(tmp_path / "checkpoint_2" / ck.STATE)
     with pytest.raises(CheckpointError) as err:
-        ck.resolve_checkpoint(tmp_path)
+        rundir.resolve_checkpoint(tmp_path)
     assert str(err.value) == (f"no usable checkpoint in {tmp_path}; it holds: "
                               "checkpoint_1 (damaged: model.safetensors does not match its checksum), "
                               "checkpoint_2 (damaged: training_state.pt does not match its checksum)")
     with pytest.raises(CheckpointError) as err:  # a name that is not there: the others listed, by size (no reading)
-        ck.resolve_checkpoint(tmp_path, "checkpoint_3")
+        rundir.resolve_checkpoint(tmp_path, "checkpoint_3")
     assert str(err.value).endswith("it holds: checkpoint_1, checkpoint_2")
 
 
@@ -193,10 +194,10 @@ def test_folder_without_completion_marker_is_never_used(tmp_path: Path) -> None:
     fake_checkpoint(tmp_path, 1)
     half = fake_checkpoint(tmp_path, 2)
     (half / ck.META).unlink()
-    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_1"
+    assert rundir.resolve_checkpoint(tmp_path)[0].name == "checkpoint_1"
     (tmp_path / "checkpoint_1" / ck.META).write_text("{not json")
     with pytest.raises(CheckpointError) as err:
-        ck.resolve_checkpoint(tmp_path)
+        rundir.resolve_checkpoint(tmp_path)
     message = str(err.value)
     assert "no usable checkpoint" in message and "checkpoint_1 (damaged: meta.json is unreadable)" in message
     assert "checkpoint_2 (incomplete: no meta.json" in message
@@ -205,25 +206,25 @@ def test_folder_without_completion_marker_is_never_used(tmp_path: Path) -> None:
 def test_named_checkpoint_accepts_number(tmp_path: Path) -> None:
     for step in (5, 10):
         fake_checkpoint(tmp_path, step)
-    assert ck.resolve_checkpoint(tmp_path, "5") == (tmp_path / "checkpoint_5", [])  # moves nothing: sample uses it too
+    assert rundir.resolve_checkpoint(tmp_path, "5") == (tmp_path / "checkpoint_5", [])  # moves nothing: sample uses it too
     with pytest.raises(CheckpointError, match="checkpoint_7 not found .* it holds: checkpoint_5, checkpoint_10"):
-        ck.resolve_checkpoint(tmp_path, "checkpoint_7")
+        rundir.resolve_checkpoint(tmp_path, "checkpoint_7")
 
 
 def test_newer_checkpoints_are_set_aside_not_deleted_and_not_listed(tmp_path: Path) -> None:
     for step in (5, 10, 15):
         fake_checkpoint(tmp_path, step)
     (tmp_path / "checkpoint_20").mkdir()  # a damaged newer one stays: the resumed run replaces it at step 20
-    notes = ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
-    aside = tmp_path / ck.ABANDONED
+    notes = rundir.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
+    aside = tmp_path / layout.ABANDONED
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_10", "checkpoint_15"]
     assert ck.inspect_checkpoint(aside / "checkpoint_15", verify_hashes=True).complete
     assert len(notes) == 1 and "checkpoint_10, checkpoint_15" in notes[0] and str(aside) in notes[0]
-    assert [c.name for c in ck.list_checkpoints(tmp_path)] == ["checkpoint_5", "checkpoint_20"]
+    assert [c.name for c in rundir.list_checkpoints(tmp_path)] == ["checkpoint_5", "checkpoint_20"]
     fake_checkpoint(tmp_path, 10)  # the new branch reaches step 10, then a resume from 5 again abandons it too
-    ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
+    rundir.set_aside_newer(tmp_path, tmp_path / "checkpoint_5")
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_10", "checkpoint_10-2", "checkpoint_15"]
-    assert ck.set_aside_newer(tmp_path, tmp_path / "checkpoint_5") == []
+    assert rundir.set_aside_newer(tmp_path, tmp_path / "checkpoint_5") == []
     result = runner.invoke(app, ["checkpoints", "list", str(tmp_path)])
     assert result.exit_code == 0 and "checkpoint_15" not in result.output.replace(str(tmp_path), "")
     assert "resume uses checkpoint_5" in result.output and "abandoned" in result.output
@@ -291,9 +292,9 @@ def test_truncate_metrics_drops_replayed_and_torn_rows(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
     metrics.write_text("\n".join(rows) + '\n{"step": 5, "lo')
-    assert ck.truncate_metrics(metrics, 2) == 3
+    assert rundir.truncate_metrics(metrics, 2) == 3
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
-    assert ck.truncate_metrics(metrics, 2) == 0
+    assert rundir.truncate_metrics(metrics, 2) == 0
 
 
 # ----------------------------------------------------------------------------- prune
@@ -348,14 +349,14 @@ def test_prune_and_list_check_checksums_so_a_bitrotten_newest_is_not_all_that_su
     assert rows["checkpoint_2"].rstrip().endswith(" ok") and "damaged:" in rows["checkpoint_3"]
     assert "checksum" in listing.output  # the status column wraps in CliRunner's 80 columns
     assert "resume uses checkpoint_2" in listing.output  # what resume really picks:
-    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"
+    assert rundir.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"
 
     # A stale plan that would delete every good checkpoint still spares the newest good one.
     stale = prune.PrunePlan(tmp_path, keep=[(ck.inspect_checkpoint(tmp_path / "checkpoint_3"), "newest")],
                             remove=[(ck.inspect_checkpoint(tmp_path / f"checkpoint_{s}"), "stale") for s in (1, 2)])
     assert [p.name for p in prune.execute_prune(stale)] == ["checkpoint_1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_3"]
-    assert ck.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"  # the run can still be resumed
+    assert rundir.resolve_checkpoint(tmp_path)[0].name == "checkpoint_2"  # the run can still be resumed
 
 
 def test_prune_treats_a_checksum_failure_among_the_kept_as_damage(tmp_path: Path) -> None:
@@ -391,7 +392,7 @@ def test_prune_of_a_symlinked_checkpoint_removes_the_link_never_its_target(tmp_p
     assert ck.inspect_checkpoint(other / "checkpoint_5", verify_hashes=True).complete
     # A link an older prune left as trash is tidied the same way.
     (run / f".trash-checkpoint_1-{2**22 + 12345}").symlink_to(other / "checkpoint_5", target_is_directory=True)
-    ck.clean_stale_temporaries(run)
+    rundir.clean_stale_temporaries(run)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_20"]
     assert ck.inspect_checkpoint(other / "checkpoint_5", verify_hashes=True).complete
 
@@ -515,7 +516,7 @@ def test_export_writes_ema_weights_loadable_with_plain_safetensors(tmp_path: Pat
 def test_scratch_folders_of_live_processes_are_left_alone(tmp_path: Path) -> None:
     mine = tmp_path / f".tmp-checkpoint_9-{os.getppid()}"  # the parent process is alive
     mine.mkdir()
-    ck.clean_stale_temporaries(tmp_path)
+    rundir.clean_stale_temporaries(tmp_path)
     assert mine.is_dir()
     shutil.rmtree(mine)
 

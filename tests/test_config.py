@@ -4,6 +4,7 @@ import pytest
 
 from ddpmctl import config as C
 from ddpmctl.errors import ConfigError
+from ddpmctl.validation import check_attention_resolutions
 
 
 def write(path: Path, text: str) -> Path:
@@ -103,9 +104,9 @@ def test_cifar_preset_has_the_paper_parameter_count():
 
 def test_attention_at_a_resolution_the_model_lacks_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"attention_resolutions 5: this model's stages work at 16, 8 px"):
-        C.check_attention_resolutions(
+        check_attention_resolutions(
             C.resolve(None, {"img_size": 16, "channel_multipliers": "1,2", "attention_resolutions": "8,5"}).model)
-    C.check_attention_resolutions(
+    check_attention_resolutions(
         C.resolve(None, {"img_size": 16, "channel_multipliers": "1,2", "attention_resolutions": "16,8"}).model)
     with pytest.raises(ConfigError, match=r"^dropout must be below 1, got 1.5$"):
         C.resolve(None, {"dropout": 1.5})

@@ -31,28 +31,25 @@ TINY = ModelConfig(img_size=16, starting_channels=16, channel_multipliers=(1, 2)
 BF16 = Precision("bf16", torch.bfloat16, "cuda")
 
 
-def _graph_step(model: UNet, graph_batch: int, train_model: torch.nn.Module | None = None, **kw: object
-                ) -> tuple[TrainStep, torch.optim.lr_scheduler.LambdaLR]:
+def _graph_step(model: UNet, graph_batch: int, train_model: torch.nn.Module | None = None, **kw: object) -> TrainStep:
     """A bf16 TrainStep with the CUDA graph on (fused AdamW, constant LR), as the engine builds it."""
     torch.manual_seed(0)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     kw = {"cuda_graph": True, **kw}
-    step = TrainStep(model, train_model or model, Schedule(DiffusionConfig(), device), BF16,
-                     torch.amp.GradScaler("cuda", enabled=False), opt, device, graph_batch=graph_batch, **kw)
-    return step, lr
+    return TrainStep(model, train_model or model, Schedule(DiffusionConfig(), device), BF16, opt, lr, device,
+                     graph_batch=graph_batch, **kw)
 
 
 def test_captured_step_trains_and_takes_a_short_batch_without_leaving_the_graph():
     model = UNet(TINY).cuda()
-    step, lr = _graph_step(model, 8)
+    step = _graph_step(model, 8)
     before = [p.detach().clone() for p in model.parameters()]
     for n in (8, 8, 3, 8):  # a short batch (an epoch's last) fills the first rows of the same graph
-        loss, grad_norm, check = step.forward_backward([torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)])
-        assert step.graph is not None and step.graph_note is None
-        step.apply(lr, None, (~torch.isfinite(check)).float())
-        assert torch.isfinite(loss) and torch.isfinite(grad_norm) and float(step.static_rows) == n
+        result = step.step([torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)])
+        assert step.graph is not None and step.graph_note is None and result.skipped.item() == 0.0
+        assert torch.isfinite(result.loss) and torch.isfinite(result.grad_norm) and float(step.static_rows) == n
         assert all(p.grad is g for p, g in zip(step.params, step.graph_grads, strict=True))
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True) if a.numel() > 1)
 
@@ -61,26 +58,25 @@ def test_captured_step_with_grad_sync_matches_the_plain_graph(tmp_path):
     """torchrun's graph path (GradSync: all-reduce after the replay, then clip) at world size 1, over NCCL."""
     import torch.distributed as dist
 
-    from ddpmctl.step import GradSync
+    from ddpmctl.gradsync import GradSync
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         a, b = UNet(TINY).cuda(), UNet(TINY).cuda()
         b.load_state_dict(a.state_dict())
-        step_a, lr_a = _graph_step(a, 8)
-        step_b, lr_b = _graph_step(b, 8)
+        step_a = _graph_step(a, 8)
+        step_b = _graph_step(b, 8)
         step_b.grad_sync = GradSync(step_b.params)
         batches = [torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8) for n in (8, 8, 5)]
         for batch in batches:
             outs = []
-            for step, lr in ((step_a, lr_a), (step_b, lr_b)):
+            for step in (step_a, step_b):
                 torch.manual_seed(1)
                 torch.cuda.manual_seed(1)
-                loss, grad_norm, check = step.forward_backward([batch])
+                result = step.step([batch])
                 assert step.graph is not None and step.graph_note is None
-                step.apply(lr, None, (~torch.isfinite(check)).float())
-                outs.append((loss, grad_norm))
+                outs.append((result.loss, result.grad_norm))
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-5)
         assert all(p.grad is v for p, v in zip(step_b.params, step_b.grad_sync.views, strict=True))
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
@@ -96,7 +92,7 @@ def _two_ranks_on_one_gpu(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ddpmctl.step import GradSync
+    from ddpmctl.gradsync import GradSync
 
     torch.cuda.set_device(0)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -106,17 +102,16 @@ def _two_ranks_on_one_gpu(rank: int, world: int, store: str) -> None:
         a, b = UNet(cfg).cuda(), UNet(cfg).cuda()
         b.load_state_dict(a.state_dict())
         ddp = DistributedDataParallel(a)
-        step_a, lr_a = _graph_step(a, 8, train_model=ddp, ddp=ddp, cuda_graph=False, random_flip=False)
-        step_b, lr_b = _graph_step(b, 8, grad_sync=GradSync([p for p in b.parameters()]), random_flip=False)
+        step_a = _graph_step(a, 8, train_model=ddp, ddp=ddp, cuda_graph=False, random_flip=False)
+        step_b = _graph_step(b, 8, grad_sync=GradSync([p for p in b.parameters()]), random_flip=False)
         data = torch.Generator().manual_seed(rank)
         for i in range(3):
             batch = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=data)  # each rank its own
             outs = []
-            for step, lr in ((step_a, lr_a), (step_b, lr_b)):
+            for step in (step_a, step_b):
                 torch.manual_seed(100 * i + rank)
-                loss, grad_norm, check = step.forward_backward([batch])
-                step.apply(lr, None, (~torch.isfinite(check)).float())
-                outs.append((loss, grad_norm))
+                result = step.step([batch])
+                outs.append((result.loss, result.grad_norm))
             assert step_b.graph is not None and step_b.graph_note is None
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-2, atol=1e-4)  # bf16, graph vs eager kernels
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
@@ -222,10 +217,9 @@ class _Uncapturable(UNet):
 def test_a_failed_capture_falls_back_to_eager_and_cuda_keeps_working():
     device = torch.device("cuda")
     model = _Uncapturable(TINY).to(device)
-    step, lr = _graph_step(model, 4)
+    step = _graph_step(model, 4)
     for _ in range(2):  # the failed capture, then a plain eager step: random draws and the stream still work
-        loss, _, check = step.forward_backward([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)])
-        step.apply(lr, None, (~torch.isfinite(check)).float())
+        loss = step.step([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)]).loss
         assert torch.isfinite(loss) and step.graph is None and not step.use_graph
     assert step.graph_note is not None and "capture failed" in step.graph_note
     assert not torch.cuda.is_current_stream_capturing()

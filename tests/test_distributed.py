@@ -43,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ddpmctl import checkpoints
+from ddpmctl import checkpoints, rundir
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
 from ddpmctl.data import make_demo_dataset
@@ -302,7 +302,7 @@ def sigterm_run(ws: Path, helper) -> tuple[Path, str, subprocess.Popen]:
 def test_sigterm_under_torchrun_saves_exactly_one_good_checkpoint(sigterm_run):
     run_dir, output, proc = sigterm_run
     assert proc.returncode != 0, output  # torchrun reports the signal itself
-    saved = [c for c in checkpoints.list_checkpoints(run_dir)]
+    saved = [c for c in rundir.list_checkpoints(run_dir)]
     assert len(saved) == 1, output
     info = checkpoints.inspect_checkpoint(saved[0].path, verify_hashes=True)
     assert info.complete, info.problem
@@ -357,7 +357,7 @@ def test_loss_matches_one_process_with_the_same_global_batch(ws, helper, sigterm
 
 def test_one_process_resumes_a_two_process_checkpoint(ws, sigterm_run):
     run_dir, _, _ = sigterm_run
-    ckpt = checkpoints.list_checkpoints(run_dir)[-1]
+    ckpt = rundir.list_checkpoints(run_dir)[-1]
     before = ckpt.meta["data_state"]["ranks"][0]
     result = CliRunner().invoke(app, ["resume", "--experiment-name", "s", "--working-directory", str(ws / "work"),
                                       "--num-training-steps", str(ckpt.step + 2)])

@@ -15,9 +15,10 @@ from ddpmctl import doctor
 from ddpmctl.cli.main import app
 from ddpmctl.config import Config, apply_overrides
 from ddpmctl.cost import ModelCost, model_cost
-from ddpmctl.doctor import Fit, Point, Probe, fit_line, limit_by_oom, recommend
+from ddpmctl.doctor import Point, Probe
 from ddpmctl.doctor_child import MpsBackend, classify_oom
 from ddpmctl.machine import child_env, mps_watermark
+from ddpmctl.memfit import BYTES_PER_PARAMETER, Fit, extrapolate, fit_line, limit_by_oom, recommend
 from ddpmctl.runtime import build_model
 
 MIB = 2**20
@@ -71,8 +72,8 @@ def test_extrapolation_scales_slope_by_activations_and_speed_by_flops():
     probe = Probe(16, 8, "cpu", "cpu", "fp32", None, 1000, budget_bytes=1000 * MIB, headroom=0.15, points=[],
                   fit=Fit(100 * MIB, 10 * MIB, 2, "test"), max_batch=75, images_per_sec=40.0, images_per_sec_batch=8,
                   largest_batch_bisected=None, seconds=0.0)
-    max_batch, ips = doctor.extrapolate(probe, measured, bigger)
-    intercept = 100 * MIB + doctor.BYTES_PER_PARAMETER * 2000
+    max_batch, ips = extrapolate(probe.fit, probe.budget_bytes, probe.headroom, probe.images_per_sec, measured, bigger)
+    intercept = 100 * MIB + BYTES_PER_PARAMETER * 2000
     assert max_batch == math.floor((850 * MIB - intercept) / (40 * MIB))
     assert ips == pytest.approx(10.0)
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
 from ddpmctl import config as config_mod
-from ddpmctl import diffusion
+from ddpmctl import diffusion, layout, rundir
 from ddpmctl.cli.main import app
 from ddpmctl.data import make_demo_dataset
 from ddpmctl.engine import Note, StepStats, StopFlag, TrainFinished, train
@@ -156,7 +156,7 @@ def test_resume_cli_needs_only_name_and_folder_and_extends_with_more_steps(
     result = runner.invoke(app, ["resume", *where, "--num-training-steps", "14"])
     assert result.exit_code == 0, result.output
     assert "resuming at step 12 of 14" in result.output
-    assert ck.resolve_checkpoint(run)[0].name == "checkpoint_14"
+    assert rundir.resolve_checkpoint(run)[0].name == "checkpoint_14"
     assert [s for s, _ in losses(run)] == list(range(1, 15))
     assert config_mod.load_yaml(run / "config.yaml").training.num_training_steps == 14
 
@@ -199,11 +199,11 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_branch_aside(
     notes: list[str] = []
     opts = options(data, tmp_path, "branch", num_training_steps=5, resume_from_checkpoint="checkpoint_4")
     train(config_mod.resolve_for_resume(None, opts), lambda e: notes.extend(getattr(e, "notes", [])))
-    aside = run / ck.ABANDONED
+    aside = run / layout.ABANDONED
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_12", "checkpoint_8"]
     assert any("checkpoint_8, checkpoint_12 moved to" in n and str(aside) in n for n in notes), notes
-    assert [c.name for c in ck.list_checkpoints(run)] == ["checkpoint_4", "checkpoint_5"]
-    assert ck.resolve_checkpoint(run) == (run / "checkpoint_5", [])  # 'latest' is the new branch
+    assert [c.name for c in rundir.list_checkpoints(run)] == ["checkpoint_4", "checkpoint_5"]
+    assert rundir.resolve_checkpoint(run) == (run / "checkpoint_5", [])  # 'latest' is the new branch
     assert_same_weights(aside / "checkpoint_12", straight / "checkpoint_12")  # kept, untouched
 
 
@@ -285,12 +285,13 @@ def test_nan_guard_skips_counts_and_stops(data: Path, tmp_path: Path, monkeypatc
     with pytest.raises(TrainingStopped) as stopped:
         train(config_mod.resolve(None, opts), lambda e: notes.append(e.text) if isinstance(e, Note) else None)
     message = str(stopped.value)
-    assert "training diverged: 3 non-finite steps in a row at step 9" in message  # the step its notes name
+    # Skipped steps count as steps (on every device), read back at each report (here every step).
+    assert "training diverged: 3 non-finite steps in a row at step 11" in message  # the step its notes name
     assert "last good checkpoint" in message and message.endswith("checkpoint_8")
     assert [n for n in notes if "update skipped" in n] == [
-        f"step 9: non-finite loss or gradient, update skipped ({i} in a row)" for i in (1, 2, 3)]
+        f"step {s}: 1 non-finite loss or gradient, update skipped ({i} in a row now)" for s, i in ((9, 1), (10, 2), (11, 3))]
     assert ck.inspect_checkpoint(run / "checkpoint_8", verify_hashes=True).complete
-    assert ck.resolve_checkpoint(run)[0].name == "checkpoint_8"
+    assert rundir.resolve_checkpoint(run)[0].name == "checkpoint_8"
 
 
 # ----------------------------------------------------------------------------- real processes
@@ -302,12 +303,12 @@ import torch
 torch.set_num_threads(1)
 from ddpmctl import checkpoints
 slow = Path(os.environ["SLOW_SAVE_MARKER"])
-real_fsync = checkpoints._fsync_file
+real_fsync = checkpoints.fsync_file
 def fsync(path):
     if slow.exists():  # the test wants to catch a save in the middle
         time.sleep(3.0)
     real_fsync(path)
-checkpoints._fsync_file = fsync
+checkpoints.fsync_file = fsync
 step_delay = float(os.environ.get("SLOW_STEP", "0"))
 if step_delay:
     from ddpmctl import step
@@ -397,7 +398,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(data: Path, tmp_path: Pat
     proc.kill()
     proc.slow.unlink()
     assert proc.saving(run), "the kill was meant to hit a save"
-    assert all(c.complete for c in ck.list_checkpoints(run)), "a half-written checkpoint became visible"
+    assert all(c.complete for c in rundir.list_checkpoints(run)), "a half-written checkpoint became visible"
 
     # 3: killed at a random moment again.
     before = logged_step(run)  # rows past the newest checkpoint are dropped when the resume starts
@@ -407,7 +408,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(data: Path, tmp_path: Pat
     proc.kill()
 
     # Resume to the end from the newest complete checkpoint: the same weights and losses as one run.
-    newest = ck.resolve_checkpoint(run)[0]
+    newest = rundir.resolve_checkpoint(run)[0]
     cfg = config_mod.resolve_for_resume(None, {"experiment_name": "killed", "working_directory": str(tmp_path / "w")})
     assert train(cfg).step == STEPS
     assert not scratch(run), "scratch folders of the killed processes were not cleaned up"
@@ -430,7 +431,7 @@ def test_ctrl_c_saves_and_second_ctrl_c_exits_at_once(data: Path, tmp_path: Path
     assert f"interrupted (Ctrl-C) at step {stopped_at}; saved" in text
     assert f"resume with: ddpmctl resume --experiment-name ctrlc --working-directory {tmp_path / 'w'}" in text
     assert "Traceback" not in out
-    assert ck.resolve_checkpoint(run) == (run / f"checkpoint_{stopped_at}", [])
+    assert rundir.resolve_checkpoint(run) == (run / f"checkpoint_{stopped_at}", [])
 
     # Second run: Ctrl-C, then Ctrl-C again while the interrupt's checkpoint is being written.
     where = ["--experiment-name", "ctrlc", "--working-directory", str(tmp_path / "w")]
@@ -450,8 +451,8 @@ def test_ctrl_c_saves_and_second_ctrl_c_exits_at_once(data: Path, tmp_path: Path
     assert "stopped at once (second Ctrl-C)" in out and "resume with: ddpmctl resume" in out
     assert "Traceback" not in out
     assert not scratch(run), "the half-written checkpoint was left behind"
-    assert all(ck.inspect_checkpoint(c.path, verify_hashes=True).complete for c in ck.list_checkpoints(run))
-    assert ck.resolve_checkpoint(run)[0].name == f"checkpoint_{stopped_at}"
+    assert all(ck.inspect_checkpoint(c.path, verify_hashes=True).complete for c in rundir.list_checkpoints(run))
+    assert rundir.resolve_checkpoint(run)[0].name == f"checkpoint_{stopped_at}"
 
 
 def test_loader_workers_leave_ctrl_c_to_the_main_process(data: Path) -> None:

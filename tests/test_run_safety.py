@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ddpmctl import checkpoints as ck
 from ddpmctl import config as config_mod
-from ddpmctl import engine, prune, runlock, runtime
+from ddpmctl import engine, layout, prune, run_state, rundir, runlock, runtime
 from ddpmctl.cli.main import app
 from ddpmctl.errors import CheckpointError, ConfigError
 from ddpmctl.runtime import DistInfo
@@ -50,7 +50,7 @@ HOLDER = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
 def test_a_run_in_use_is_refused_with_the_owners_pid_until_it_dies(fake_run) -> None:
     run, where = fake_run
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ck.LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / layout.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = runner.invoke(app, ["resume", *where, "--num-training-steps", "3"])
@@ -66,7 +66,7 @@ def test_a_run_in_use_is_refused_with_the_owners_pid_until_it_dies(fake_run) -> 
         holder.wait()
     result = runner.invoke(app, ["checkpoints", "prune", str(run), "--keep", "1", "--yes"])
     assert result.exit_code == 0, result.output
-    assert [c.name for c in ck.list_checkpoints(run)] == ["checkpoint_2"]
+    assert [c.name for c in rundir.list_checkpoints(run)] == ["checkpoint_2"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
@@ -77,7 +77,7 @@ def test_lock_is_held_by_training_and_released_however_it_ends(tmp_path, tiny_im
 
     def spy(path, *_a, **_k):  # the first thing a run writes after its setup: the lock is held by then
         with pytest.raises(runlock.RunInUseError):
-            runlock.ensure_not_in_use(run)
+            runlock.RunLock(run).acquire()
         seen.append(path)
         raise PermissionError(13, "Permission denied", str(path))
 
@@ -90,10 +90,10 @@ def test_lock_is_held_by_training_and_released_however_it_ends(tmp_path, tiny_im
     other, _ = fake_run
     with runlock.RunLock(other):  # held in this process by someone else: refused too (flock is per open file)
         with pytest.raises(runlock.RunInUseError, match="in use by another ddpmctl process"):
-            runlock.ensure_not_in_use(other)
+            runlock.RunLock(other).acquire()
     monkeypatch.setattr(runlock, "fcntl", None)  # Windows: no locking, but everything still works
     with runlock.RunLock(other):
-        runlock.ensure_not_in_use(other)
+        runlock.RunLock(other).acquire()
 
 
 def test_unwritable_working_directory_and_prune_errors_are_one_line(tmp_path, tiny_images, fake_run, monkeypatch):
@@ -109,7 +109,7 @@ def test_unwritable_working_directory_and_prune_errors_are_one_line(tmp_path, ti
     def denied(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(prune, "_discard", denied)
+    monkeypatch.setattr(prune, "discard", denied)
     result = runner.invoke(app, ["checkpoints", "prune", str(run), "--keep", "1", "--yes"])
     assert_one_line_error(result, f"could not delete {run / 'checkpoint_1'}: Permission denied")
 
@@ -117,11 +117,11 @@ def test_unwritable_working_directory_and_prune_errors_are_one_line(tmp_path, ti
 # ----------------------------------------------------------------------------- rank 0 chooses
 
 
-def trainer(tmp_path: Path, rank: int, which: str | None) -> engine._Trainer:
+def resume_point(tmp_path: Path, rank: int, which: str | None, lock: runlock.RunLock | None = None):
     cfg = config_mod.resolve(None, {"experiment_name": "r", "working_directory": str(tmp_path),
                                     "resume_from_checkpoint": which})
-    return engine._Trainer(cfg, DistInfo(rank=rank, world_size=2, host_group="HOST"), lambda _e: None,
-                           engine.StopFlag())
+    lock = lock or runlock.RunLock(cfg.run_dir)
+    return run_state.resume_point(cfg, DistInfo(rank=rank, world_size=2, host_group="HOST"), lock)
 
 
 def test_only_rank_0_resolves_and_hashes_and_the_others_get_its_choice(tmp_path, monkeypatch) -> None:
@@ -136,28 +136,29 @@ def test_only_rank_0_resolves_and_hashes_and_the_others_get_its_choice(tmp_path,
         else:
             sent.append(box[0])
 
-    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(engine.dist, "broadcast_object_list", broadcast)
-    monkeypatch.setattr(engine, "barrier", lambda _info: None)
-    main = trainer(tmp_path, 0, "latest")
+    monkeypatch.setattr(run_state.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(run_state.dist, "broadcast_object_list", broadcast)
+    lock = runlock.RunLock(run)
     try:
-        assert main._resume_point() == (run / "checkpoint_3", [])
+        assert resume_point(tmp_path, 0, "latest", lock) == (run / "checkpoint_3", [])
+        assert lock.held
     finally:
-        main.lock.release()
+        lock.release()
     assert sent == [{"path": str(run / "checkpoint_3"), "notes": []}]
 
     def must_not(*_a, **_k):
         raise AssertionError("only rank 0 looks at the checkpoints")
 
     for name in ("resolve_checkpoint", "inspect_checkpoint", "clean_stale_temporaries", "list_checkpoints"):
-        monkeypatch.setattr(ck, name, must_not)
-    other = trainer(tmp_path, 1, "latest")
-    assert other._resume_point() == (run / "checkpoint_3", [])
-    assert not other.lock.held
+        monkeypatch.setattr(rundir, name, must_not)
+    monkeypatch.setattr(ck, "inspect_checkpoint", must_not)
+    other_lock = runlock.RunLock(run)
+    assert resume_point(tmp_path, 1, "latest", other_lock) == (run / "checkpoint_3", [])
+    assert not other_lock.held
 
     sent.append({"error": "CheckpointError", "user": True, "message": "no usable checkpoint in r"})
     with pytest.raises(CheckpointError, match="no usable checkpoint in r"):  # rank 0's error, the same type
-        trainer(tmp_path, 1, "latest")._resume_point()
+        resume_point(tmp_path, 1, "latest")
 
 
 # ----------------------------------------------------------------------------- torchrun on MPS
@@ -204,7 +205,7 @@ def test_sampling_a_run_still_training_toward_its_first_save_says_so(tmp_path) -
     run.mkdir(parents=True)
     result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s")])
     assert_one_line_error(result, "stopped before its first save")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ck.LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / layout.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = runner.invoke(app, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s")])
@@ -221,12 +222,12 @@ def test_a_start_refused_by_the_lock_tidies_nothing_of_the_run_that_holds_it(tmp
     run = tmp_path / "working" / "tiny"
     monkeypatch.setattr(engine, "missing_folders", lambda *paths: [run, run.parent])
     run.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ck.LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / layout.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = runner.invoke(app, ["train", *tiny_args(tiny_images, tmp_path)])
         assert_one_line_error(result, "is in use by another ddpmctl process")
-        assert (run / ck.LOCK).read_text().strip() == str(holder.pid)
+        assert (run / layout.LOCK).read_text().strip() == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()
@@ -236,11 +237,11 @@ def test_asking_whether_a_run_trains_writes_nothing(tmp_path) -> None:
     """sample/resume name a folder without checkpoints: the lock probe leaves a .lock file as it found it."""
     folder = tmp_path / "other"
     folder.mkdir()
-    (folder / ck.LOCK).write_text("someone else's\n")
+    (folder / layout.LOCK).write_text("someone else's\n")
     result = runner.invoke(app, ["sample", "--checkpoint", str(folder), "--out", str(tmp_path / "s")])
     assert_one_line_error(result, "holds no checkpoint yet")
-    assert (folder / ck.LOCK).read_text() == "someone else's\n"
+    assert (folder / layout.LOCK).read_text() == "someone else's\n"
     with runlock.RunLock(folder):  # this process's own lock: its run is not "still training" elsewhere
         assert runlock.is_training(folder) is False
         with pytest.raises(CheckpointError, match="stopped before its first save"):
-            ck.resolve_checkpoint(folder, "checkpoint_5")
+            rundir.resolve_checkpoint(folder, "checkpoint_5")

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from ddpmctl import checkpoints
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
-from ddpmctl.engine import EMA, train
+from ddpmctl.engine import train
 from ddpmctl.errors import DdpmctlError
 from ddpmctl.inference import generate, iter_samples, load_model
 from ddpmctl.sampling import SampleResult, grid_size, progression_grid, record_steps, save_png, tile, to_uint8
+from ddpmctl.state import EMA
 
 runner = CliRunner()
 

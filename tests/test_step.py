@@ -11,18 +11,19 @@ from ddpmctl.config import DiffusionConfig, ModelConfig
 from ddpmctl.diffusion import Schedule
 from ddpmctl.model import GroupNorm, UNet, set_low_precision_norms
 from ddpmctl.runtime import Precision
-from ddpmctl.step import TrainStep, graph_blocker
+from ddpmctl.state import EMA
+from ddpmctl.step import TrainStep, graph_blocker, make_optimizer
 
 TINY = ModelConfig(img_size=8, starting_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
                    attention_resolutions=(4,), dropout=0.0)
 
 
-def _step(model: UNet, **kw) -> tuple[TrainStep, torch.optim.Optimizer]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    prec = Precision("fp32", None, "cpu")
+def _step(model: UNet, optimizer: torch.optim.Optimizer | None = None, **kw) -> TrainStep:
+    """A CPU fp32 step with a constant learning rate; AdamW unfused unless ``optimizer`` says otherwise."""
+    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
     sched = Schedule(DiffusionConfig(num_diffusion_timesteps=20))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return TrainStep(model, model, sched, prec, scaler, opt, torch.device("cpu"), **kw), opt
+    return TrainStep(model, model, sched, Precision("fp32", None, "cpu"), opt, lr, torch.device("cpu"), **kw)
 
 
 def test_graph_blockers_name_the_reason():
@@ -39,7 +40,7 @@ def test_step_on_cpu_stays_eager_and_matches_a_hand_written_step():
     model = UNet(TINY)
     ref = UNet(TINY)
     ref.load_state_dict(model.state_dict())
-    step, _ = _step(model, random_flip=False, cuda_graph=True, max_grad_norm=1.0)
+    step = _step(model, random_flip=False, cuda_graph=True, max_grad_norm=1.0)
     assert not step.use_graph  # asked for, but there is no CUDA device
     batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
 
@@ -63,7 +64,7 @@ def test_step_on_cpu_stays_eager_and_matches_a_hand_written_step():
 
 def test_accumulated_micro_batches_average_their_losses():
     torch.manual_seed(0)
-    step, _ = _step(UNet(TINY), accumulation=2)
+    step = _step(UNet(TINY), accumulation=2)
     a, b = (torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8) for _ in range(2))
     torch.manual_seed(3)
     loss, _, _ = step.forward_backward([a, b])
@@ -74,16 +75,44 @@ def test_accumulated_micro_batches_average_their_losses():
     torch.testing.assert_close(loss, (la + lb) / 2)
 
 
-def test_apply_updates_weights_and_drops_gradients():
+def test_a_step_updates_weights_schedule_and_ema_and_drops_gradients():
     torch.manual_seed(0)
     model = UNet(TINY)
-    step, _ = _step(model)
+    ema = EMA(model, 0.999)
+    step = _step(model, ema=ema)
     before = [p.detach().clone() for p in model.parameters()]
-    step.forward_backward([torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
-    lr = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lambda s: 1.0)
-    step.apply(lr, None)
+    result = step.step([torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
+    assert result.skipped.item() == 0.0 and torch.isfinite(result.loss)
     assert all(p.grad is None for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert step.scheduler.last_epoch == 1 and ema.num_updates == 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused AdamW (CUDA, CPU)", "unfused AdamW (MPS)"])
+def test_a_non_finite_step_changes_no_weight_yet_counts_on_every_device(fused, monkeypatch):
+    """One rule everywhere: the update is skipped, the step counts (LR schedule and EMA move on)."""
+    from ddpmctl import diffusion
+
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    ema = EMA(model, 0.999)
+    opt = make_optimizer(model.parameters(), 1e-3, 0.0, torch.device("cpu")) if fused else None
+    step = _step(model, optimizer=opt, ema=ema)
+    assert step.skip_on_device == fused
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    step.step([batch])  # a good step first: the optimizer has state to keep
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = [s["exp_avg"].clone() for s in step.optimizer.state.values()]
+    counts = [float(s["step"]) for s in step.optimizer.state.values()]
+    real = diffusion.loss_fn
+    monkeypatch.setattr(diffusion, "loss_fn", lambda *a, **k: real(*a, **k) * float("nan"))
+    result = step.step([batch])
+    assert result.skipped.item() == 1.0
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, step.optimizer.state.values(), strict=True))
+    assert [float(s["step"]) for s in step.optimizer.state.values()] == counts
+    assert step.scheduler.last_epoch == 2 and ema.num_updates == 2
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_low_precision_group_norm_runs_in_the_autocast_dtype():
@@ -136,7 +165,7 @@ def test_padded_rows_count_for_nothing():
     """The CUDA graph's fixed batch: an epoch's short last batch fills the first rows; the rest must not count."""
     torch.manual_seed(0)
     model = UNet(TINY)
-    step, _ = _step(model, random_flip=False)
+    step = _step(model, random_flip=False)
     batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
 
     def grads(b: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -180,7 +209,7 @@ def test_a_padded_short_batch_matches_the_plain_mean_over_its_images(monkeypatch
     monkeypatch.setattr(step_mod, "torch", _RowwiseTorch())
     torch.manual_seed(0)
     model = UNet(TINY)
-    step, _ = _step(model, random_flip=False)
+    step = _step(model, random_flip=False)
     short = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     padded = torch.cat([short, torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
 
@@ -195,7 +224,7 @@ def test_a_padded_short_batch_matches_the_plain_mean_over_its_images(monkeypatch
 
 
 def test_resuming_keeps_this_runs_optimizer_implementation():
-    from ddpmctl.step import load_optimizer_state, make_optimizer
+    from ddpmctl.step import load_optimizer_state
 
     model = UNet(TINY)
     old = torch.optim.AdamW(model.parameters(), lr=1e-3)  # unfused, as older ddpmctl saved on the CPU
@@ -224,7 +253,7 @@ def _grad_sync_rank(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ddpmctl.step import GradSync, make_optimizer
+    from ddpmctl.gradsync import GradSync
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -241,23 +270,21 @@ def _grad_sync_rank(rank: int, world: int, store: str) -> None:
         assert all(v.stride() == p.stride() for v, p in zip(sync.views, b.parameters(), strict=True))
         assert any(p.dim() == 4 and not p.is_contiguous() for p in b.parameters())  # channels_last weights
         sync.broadcast_from_rank0(b)
-        step_a, opt_a = _step(a, random_flip=False, channels_last=True)
+        cpu = torch.device("cpu")  # fused AdamW, as trained
+        step_a = _step(a, make_optimizer(a.parameters(), 1e-3, 0.0, cpu), random_flip=False, channels_last=True)
         step_a.train_model, step_a.ddp = ddp, ddp
-        step_b, opt_b = _step(b, random_flip=False, grad_sync=sync, channels_last=True)
-        step_a.optimizer = opt_a = make_optimizer(a.parameters(), 1e-3, 0.0, torch.device("cpu"))  # fused, as trained
-        step_b.optimizer = opt_b = make_optimizer(b.parameters(), 1e-3, 0.0, torch.device("cpu"))
-        lr_a, lr_b = (torch.optim.lr_scheduler.LambdaLR(o, lambda _s: 1.0) for o in (opt_a, opt_b))
+        step_b = _step(b, make_optimizer(b.parameters(), 1e-3, 0.0, cpu), random_flip=False, grad_sync=sync,
+                       channels_last=True)
         data = torch.Generator().manual_seed(rank)
         for i in range(3):
             batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=data)  # each rank its own
             out = {}
-            for name, step, lr in (("a", step_a, lr_a), ("b", step_b, lr_b)):
+            for name, step in (("a", step_a), ("b", step_b)):
                 torch.manual_seed(100 * i + rank)
-                out[name] = step.forward_backward([batch])
-                step.apply(lr, None)
+                out[name] = step.step([batch])
                 if i == 1:  # as the graph's warm-up does: dropped gradients, GradSync must re-attach its views
                     step.zero_grad(force=True)
-            torch.testing.assert_close(out["b"][1], out["a"][1], rtol=1e-5, atol=1e-6)  # averaged, then clipped
+            torch.testing.assert_close(out["b"].grad_norm, out["a"].grad_norm, rtol=1e-5, atol=1e-6)  # averaged, then clipped
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         total = torch.stack([p.detach().double().sum() for p in b.parameters()]).sum().reshape(1)

@@ -11,7 +11,9 @@ import typer
 from rich.table import Table
 
 from .. import checkpoints as ck
-from .. import prune, runlock
+from .. import prune, rundir, runlock
+from ..export import export_weights
+from ..layout import ABANDONED
 from .common import console, err_console, fail, handle_errors
 
 app = typer.Typer(
@@ -71,7 +73,7 @@ def _plan_table(plan: prune.PrunePlan) -> Table:
 def list_cmd(run_dir: RunDirArg) -> None:
     """Show a run's checkpoints: step, time, size, EMA or not, loss at save; damaged ones say why."""
     prune.check_run_dir(run_dir)
-    found = ck.list_checkpoints(run_dir, verify_hashes=True)  # "ok" and "resume uses" must mean what resume finds
+    found = rundir.list_checkpoints(run_dir, verify_hashes=True)  # "ok" and "resume uses" must mean what resume finds
     if not found:
         console.print(f"{run_dir} holds no checkpoint", highlight=False, soft_wrap=True)
         return
@@ -80,7 +82,7 @@ def list_cmd(run_dir: RunDirArg) -> None:
     total = sum(c.size_bytes for c in found)
     newest = f"; resume uses {good[-1].name}" if good else "; none is usable"
     console.print(f"{len(found)} checkpoint(s), {human_size(total)}{newest}", highlight=False)
-    aside = run_dir / ck.ABANDONED
+    aside = run_dir / ABANDONED
     if aside.is_dir() and any(aside.iterdir()):
         console.print(f"{aside} holds the checkpoints a resume from an older step set aside (not listed above)",
                       highlight=False, soft_wrap=True)
@@ -117,7 +119,8 @@ def prune_cmd(
     if dry_run:
         console.print("dry run: nothing deleted", highlight=False)
         return
-    runlock.ensure_not_in_use(run_dir)  # before asking; execute_prune holds the lock while it deletes
+    if runlock.is_training(run_dir):  # before asking (read-only); execute_prune holds the lock while it deletes
+        raise runlock.in_use_error(run_dir)
     if not yes and not _stdin_is_terminal():  # a script or cron job: there is nobody to ask
         raise fail("nothing deleted: stdin is not a terminal, so there is nobody to confirm; pass --yes to delete "
                    "without asking (or --dry-run to only look)")
@@ -140,7 +143,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
 ) -> None:
     """Write the (EMA) weights as one .safetensors file with the model config in its metadata."""
-    result = prune.export_weights(source, out, overwrite=force)
+    result = export_weights(source, out, overwrite=force)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(

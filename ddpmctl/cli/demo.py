@@ -14,6 +14,7 @@ import typer
 from .. import config as config_mod
 from ..data import make_demo_dataset
 from ..inference import generate, load_model
+from ..layout import RUN_CONFIG
 from .common import console, handle_errors
 from .train import run_training
 
@@ -35,7 +36,7 @@ def demo(
     cfg = config_mod.resolve(config, overrides)
     console.print(f"[bold]1/3[/] drawing {num_images} demo images into {data}", highlight=False)
     make_demo_dataset(data, num_images=num_images, size=cfg.model.img_size, seed=cfg.run.seed)
-    if (cfg.run_dir / "config.yaml").is_file():
+    if (cfg.run_dir / RUN_CONFIG).is_file():
         console.print(f"[bold]2/3[/] continuing the existing demo run in {cfg.run_dir}", highlight=False)
         cfg = config_mod.resolve_for_resume(config, overrides)
     else:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from ..host import cpu_cores
 from ..images import CROPS, parse_color
 from ..prepare import SMALL_POLICIES, prepare
 from .common import console, handle_errors, interrupted, plural
@@ -41,7 +41,7 @@ def prepare_cmd(
     if small not in SMALL_POLICIES:
         raise typer.BadParameter(f"must be one of {', '.join(SMALL_POLICIES)}", param_hint="--small")
     color = parse_color(background)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or cpu_cores()
     # Not on a terminal the bar shows nothing (it is transient), yet rich would end it with a blank line on stdout.
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_interactive) as progress:

@@ -34,8 +34,9 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images d
 NoEmaOpt = Annotated[bool, typer.Option("--no-ema", help="use the raw weights instead of the EMA weights")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the network (CUDA: CUDA graphs, mode reduce-overhead): the first batch waits "
-                      "for the compilation (a minute or more), later batches run faster (DDIM-50 at batch 256: 1.9x on "
-                      "an H100); on the CPU it works too, but compiling is slow there and pays off only for long runs")]
+                      "for the compilation (a minute or more), later batches run faster on CUDA GPUs "
+                      "(docs/performance.md); on the CPU it works too, but compiling is slow there and pays off "
+                      "only for long runs")]
 
 CudaGraphOpt = Annotated[bool, typer.Option(
     "--cuda-graph/--no-cuda-graph", help="CUDA: replay each deterministic DDIM (--eta 0) or DPM-Solver++ loop as one "

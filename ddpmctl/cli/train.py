@@ -18,6 +18,7 @@ from ..engine import train
 from ..errors import TrainingStopped
 from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from ..interrupts import StopFlag
+from ..layout import RUN_CONFIG
 from .common import console, err_console, handle_errors, interrupted, plural
 from .options import with_config_options
 
@@ -29,6 +30,10 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 class TrainDisplay:
@@ -63,14 +68,14 @@ class TrainDisplay:
         elif isinstance(event, StepStats):
             self.last = event
             self.progress.update(
-                self.task, completed=event.step, description="training", loss=f"{event.loss:.4f}",
+                self.task, completed=event.step, description="training", loss=_loss(event.loss),
                 lr=f"{event.lr:.2e}", speed=f"{event.images_per_sec:,.0f}", eta=_duration(event.eta),
             )
         elif isinstance(event, Evaluating):
             self.progress.update(self.task, description="sampling grid")
         elif isinstance(event, GridSaved):
             self.progress.update(self.task, description="training")
-            loss = f", loss {self.last.loss:.4f}, {self.last.images_per_sec:,.0f} img/s" if self.last else ""
+            loss = f", loss {_loss(self.last.loss)}, {self.last.images_per_sec:,.0f} img/s" if self.last else ""
             self.progress.console.print(f"step {event.step}{loss}: grid {event.path}", highlight=False, soft_wrap=True)
         elif isinstance(event, CheckpointSaved):
             gone = f" (removed {', '.join(Path(p).name for p in event.removed)})" if event.removed else ""
@@ -149,7 +154,7 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
     with _before_training():
         cfg = config_mod.resolve(config_file, overrides)
         which = cfg.training.resume_from_checkpoint
-        if which == "latest" and not (cfg.run_dir / "config.yaml").is_file():
+        if which == "latest" and not (cfg.run_dir / RUN_CONFIG).is_file():
             # As in the accelerate/diffusers scripts the original followed: 'latest' with no run yet starts one, so a
             # job script that always passes it works on its first submission. (Under torchrun every rank looks
             # before rank 0 can write config.yaml: they all join the process group first.)
