@@ -50,12 +50,15 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_diffusion_timesteps: int = 1000  # number of diffusion timesteps T
-    beta_schedule: Literal["linear", "cosine"] = "linear"  # linear (Ho et al.) or cosine (Nichol & Dhariwal)
+    formulation: Literal["ddpm", "edm"] = "ddpm"  # ddpm: Ho et al.; edm: Karras et al. 2022 (preconditioned net, lognormal noise)
+    num_diffusion_timesteps: int = 1000  # number of diffusion timesteps T (edm: noise levels on its sampling grid)
+    beta_schedule: Literal["linear", "cosine"] = "linear"  # linear (Ho et al.) or cosine (Nichol & Dhariwal); ddpm only
     beta_start: float = 1e-4  # first beta of the linear schedule
     beta_end: float = 0.02  # last beta of the linear schedule
-    prediction_type: Literal["epsilon", "v"] = "epsilon"  # what the network predicts: the noise, or v
+    prediction_type: Literal["epsilon", "v"] = "epsilon"  # what the network predicts: the noise, or v (ddpm only)
     loss_fn: Literal["mse", "mae", "huber"] = "mse"  # loss between prediction and target
+    loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: Min-SNR-gamma weights of Hang et al. 2023 (ddpm only)
+    min_snr_gamma: float = 5.0  # gamma of min_snr: the signal-to-noise ratio above which the weight stops growing
 
 
 @dataclass
@@ -75,7 +78,8 @@ class TrainingConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping threshold; 0 turns clipping off
     ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
-    ema_warmup: bool = True  # ramp the EMA decay as (1+n)/(10+n) so early samples are not noise
+    ema_warmup: bool = True  # ramp the EMA up (decay (1+n)/(10+n); half-life over 5% of the images): early samples are not noise
+    ema_halflife_images: int | None = None  # EMA half-life in images seen (Karras et al.), replaces ema_decay; batch-size proof
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, else fp32 (bf16 on request: MPS, bf16 CPUs)
     compile: bool = False  # torch.compile the model: a minute to compile, then faster on CUDA, not CPUs (docs/performance.md)
     channels_last: bool = False  # channels-last memory format on CUDA (off by default: NCHW trained faster, docs/performance.md)
@@ -89,8 +93,8 @@ class SamplingConfig:
     evaluation_interval: int = 5000  # optimizer steps between checkpoints and progression grids
     num_generations: int = 5  # rows (samples) in each progression grid
     plot_freq_interval: int = 100  # timesteps between the columns of a progression grid
-    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddpm"  # sampler for grids and samples
-    sampling_steps: int | None = None  # denoising steps for ddim/dpmpp2m; none: all timesteps
+    sampler: Literal["ddpm", "ddim", "dpmpp2m", "heun"] = "ddpm"  # sampler for the progression grids
+    sampling_steps: int | None = None  # denoising steps for ddim/dpmpp2m/heun; none: all timesteps
     eta: float = 0.0  # DDIM noise scale: 0 deterministic, 1 like DDPM
     show_x0: bool = False  # add a row of predicted x_0 under each grid sample
 

@@ -1,11 +1,15 @@
 """Noise schedules and the diffusion math: pure tensor functions, no network, no loops, no I/O.
 
-Notation follows Ho et al. 2020: beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
+Notation follows Ho et al. 2020: beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s. The same
+x_t is x_t = sqrt(abar_t) (x_0 + sigma_t eps) with sigma_t = sqrt((1 - abar_t) / abar_t): the noise level of
+Karras et al. 2022 (EDM), whose formulation (``formulation: edm``) trains on continuous noise levels and
+samples on a discrete grid of them, so every sampler here serves both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,17 +30,41 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> t
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
+# EDM (Karras et al. 2022, Table 1 and Sec. 5): data standard deviation, log-normal training noise levels,
+# and the sampling range with its rho = 7 spacing.
+EDM_SIGMA_DATA = 0.5
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(num_steps: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                  rho: float = EDM_RHO) -> torch.Tensor:
+    """Noise levels of Karras et al. 2022, Eq. 5, ascending (index 0 = sigma_min), in float64."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
 class Schedule:
-    """The precomputed schedule tensors (float32 on ``device``), indexed by integer timestep."""
+    """The precomputed schedule tensors (float32 on ``device``), indexed by integer timestep.
+
+    ``formulation: edm`` has no betas of its own: its timesteps are T noise levels on the grid of
+    :func:`karras_sigmas`, written as the abar_t = 1 / (1 + sigma_t^2) they imply, so the samplers below
+    run unchanged; the network sees EDM's preconditioned input (sampling.EDMDenoiser).
+    """
 
     def __init__(self, cfg: DiffusionConfig, device: torch.device | str = "cpu"):
         self.config = cfg
         self.num_steps = cfg.num_diffusion_timesteps
-        if cfg.beta_schedule == "linear":
+        self.formulation = cfg.formulation
+        if cfg.formulation == "edm":
+            abar = 1 / (1 + karras_sigmas(cfg.num_diffusion_timesteps) ** 2)
+            betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        elif cfg.beta_schedule == "linear":
             betas = linear_betas(cfg.num_diffusion_timesteps, cfg.beta_start, cfg.beta_end)
         else:
             betas = cosine_betas(cfg.num_diffusion_timesteps)
-        abar = torch.cumprod(1 - betas, dim=0)
+        if cfg.formulation != "edm":
+            abar = torch.cumprod(1 - betas, dim=0)
 
         def f32(x: torch.Tensor) -> torch.Tensor:  # cast on the CPU first: MPS has no float64
             return x.to(torch.float32).to(device)
@@ -50,10 +78,12 @@ class Schedule:
         self.alphas_cumprod = f32(abar)
         self.sqrt_abar = f32(abar.sqrt())
         self.sqrt_one_minus_abar = f32((1 - abar).sqrt())
+        self.sigmas = f32(((1 - abar) / abar).sqrt())  # the noise level sigma_t of each timestep
 
     @property
     def prediction_type(self) -> str:
-        return self.config.prediction_type
+        """What the network (as the samplers call it) returns: epsilon, v, or, for edm, the denoised image."""
+        return "sample" if self.formulation == "edm" else self.config.prediction_type
 
 
 def _at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -82,10 +112,54 @@ def split_prediction(
     if sched.prediction_type == "epsilon":
         eps = pred
         x0 = (x_t - s * eps) / a
-    else:  # v: x_0 = a x_t - s v, eps = s x_t + a v
+    elif sched.prediction_type == "v":  # x_0 = a x_t - s v, eps = s x_t + a v
         x0 = a * x_t - s * pred
         eps = s * x_t + a * pred
+    else:  # sample: the denoised image itself
+        x0 = pred
+        eps = (x_t - a * x0) / s
     return x0, eps
+
+
+def min_snr_weight(sched: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 6-7), one per image: (B,).
+
+    The paper weights the x_0 error by min(SNR, gamma), SNR_t = abar_t / (1 - abar_t). An eps error is SNR
+    times the x_0 error, a v error (SNR + 1) times it, so the weight on the loss being computed is
+    min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v.
+    """
+    abar = sched.alphas_cumprod.to(t.device)[t]
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if sched.prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+def edm_training_sigmas(normal: torch.Tensor) -> torch.Tensor:
+    """Training noise levels from standard normal draws: ln(sigma) ~ N(P_mean, P_std^2) (Karras et al., Sec. 5)."""
+    return (normal * EDM_P_STD + EDM_P_MEAN).exp()
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): (c_skip, c_out, c_in, c_noise) for noise levels sigma.
+
+    The denoiser is D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), x = x_0 + sigma n.
+    """
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
+
+
+def edm_training_example(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(network input c_in x, noise conditioning c_noise, target for F) at per-image noise levels ``sigma``.
+
+    EDM's loss lambda(sigma) ||D - x_0||^2 with lambda = 1 / c_out^2 equals ||F - (x_0 - c_skip x) / c_out||^2
+    (Karras et al., Eq. 8): the effective target with unit weight, so the loss code stays that of the others.
+    """
+    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
+    shape = (-1, 1, 1, 1)
+    x = x0 + sigma.view(shape) * noise
+    return c_in.view(shape) * x, c_noise, (x0 - c_skip.view(shape) * x) / c_out.view(shape)
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor, kind: str, reduction: str = "mean") -> torch.Tensor:
@@ -112,7 +186,9 @@ def _split_scalar(sched: Schedule, x_t: torch.Tensor, t: int, pred: torch.Tensor
     pred = pred.float()
     if sched.prediction_type == "epsilon":
         return (x_t - s * pred) / a, pred
-    return a * x_t - s * pred, s * x_t + a * pred  # v: x_0 = a x_t - s v, eps = s x_t + a v
+    if sched.prediction_type == "v":
+        return a * x_t - s * pred, s * x_t + a * pred  # x_0 = a x_t - s v, eps = s x_t + a v
+    return pred, (x_t - a * pred) / s  # sample
 
 
 def ddpm_step(
@@ -176,6 +252,25 @@ def dpmpp_2m_step(
         r = (lam(t) - lam(t_last)) / h
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_last
     return math.sqrt((1 - abar_prev) / (1 - abar_t)) * x_t - math.sqrt(abar_prev) * math.expm1(-h) * d
+
+
+def heun_step(sched: Schedule, x_t: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor,
+              denoise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One step of Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
+
+    In sigma space, x = x_t / sqrt(abar_t): d = (x - D(x; sigma)) / sigma, an Euler step to sigma_prev, then
+    the trapezoid rule with the slope there; the step to the clean image (t_prev = -1) is the Euler step.
+    ``x0`` is D at (x_t, t); ``denoise(x_{t_prev})`` evaluates D at the Euler point (in x_t scaling).
+    """
+    sigma, a = math.sqrt((1 - _abar(sched, t)) / _abar(sched, t)), math.sqrt(_abar(sched, t))
+    x = x_t / a
+    slope = (x - x0) / sigma
+    if t_prev < 0:
+        return x0
+    sigma_prev, a_prev = math.sqrt((1 - _abar(sched, t_prev)) / _abar(sched, t_prev)), math.sqrt(_abar(sched, t_prev))
+    euler = x + (sigma_prev - sigma) * slope
+    slope_prev = (euler - denoise(euler * a_prev)) / sigma_prev
+    return (x + (sigma_prev - sigma) * (slope + slope_prev) / 2) * a_prev
 
 
 def timestep_subsequence(num_steps: int, sampling_steps: int | None) -> list[int]:

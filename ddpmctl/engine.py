@@ -33,7 +33,7 @@ from .parts import build_parts
 from .run_state import RunState, resume_point
 from .runlock import RunLock
 from .runtime import DistInfo, barrier, configure_backends, init_distributed, resolve_precision, select_device
-from .sampling import progression_grid, sample, save_png
+from .sampling import progression_grid, sample, sampling_network, save_png
 from .step import StepResult
 from .validation import check_attention_resolutions
 
@@ -292,8 +292,9 @@ class Trainer:
         net.eval()
         noise, gen = evaluation_noise(self.cfg, self.device)
         result = sample(
-            net, self.parts.schedule, noise, sampler=s.sampler, steps=s.sampling_steps, eta=s.eta, generator=gen,
-            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast,
+            sampling_network(net, self.parts.schedule), self.parts.schedule, noise, sampler=s.sampler,
+            steps=s.sampling_steps, eta=s.eta, generator=gen, record_every=s.plot_freq_interval, max_frames=24,
+            autocast=self.precision.autocast,
         )
         net.train(was_training)
         path = self.cfg.generated_dir / grid_name(step)

@@ -15,7 +15,16 @@ from .config import Config, complete_saved, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
 from .runtime import Precision, build_model, classify_oom, prepare_for_sampling, resolve_precision, select_device
-from .sampling import SampleResult, SamplingGraphs, progression_grid, sample, sampler_timesteps, save_png, tile
+from .sampling import (
+    SampleResult,
+    SamplingGraphs,
+    progression_grid,
+    sample,
+    sampler_timesteps,
+    sampling_network,
+    save_png,
+    tile,
+)
 
 
 @dataclass
@@ -52,9 +61,11 @@ def load_model(path: str | Path, device: str = "auto", use_ema: bool = True, pre
         model.load_state_dict(checkpoints.load_weights(ckpt, name))
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt / name} does not match its config: {str(exc).splitlines()[0]}") from None
-    model = prepare_for_sampling(model.to(dev).eval().requires_grad_(False), dev, compile)
+    schedule = Schedule(cfg.diffusion, dev)
+    model = sampling_network(model.to(dev).eval().requires_grad_(False), schedule)
+    model = prepare_for_sampling(model, dev, compile)
     prec = resolve_precision(precision, dev)
-    return LoadedModel(model, Schedule(cfg.diffusion, dev), cfg, ckpt, int(meta["step"]),
+    return LoadedModel(model, schedule, cfg, ckpt, int(meta["step"]),
                        use_ema and has_ema, dev, prec, notes,
                        SamplingGraphs() if cuda_graph and dev.type == "cuda" else None)
 

@@ -42,7 +42,8 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_low_precision_norms(model, low_precision_norms(device))
-    ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+    per_update = t.batch_size * t.gradient_accumulation_steps * (dist_info.world_size if dist_info else 1)
+    ema = EMA(model, t.ema_decay, t.ema_warmup, t.ema_halflife_images, per_update) if t.ema_decay > 0 else None
     optimizer = make_optimizer(model.parameters(), t.learning_rate, t.weight_decay, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.num_training_steps)
     schedule = Schedule(cfg.diffusion, device)
@@ -64,7 +65,8 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
         train_model = torch.compile(train_model)
     step = TrainStep(
         model, train_model, schedule, precision, optimizer, scheduler, device, ema=ema,
-        loss_fn=cfg.diffusion.loss_fn, random_flip=cfg.data.random_flip, channels_last=channels_last,
+        loss_fn=cfg.diffusion.loss_fn, loss_weighting=cfg.diffusion.loss_weighting,
+        min_snr_gamma=cfg.diffusion.min_snr_gamma, random_flip=cfg.data.random_flip, channels_last=channels_last,
         accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=ddp, grad_sync=grad_sync,
         cuda_graph=t.cuda_graph, graph_batch=t.batch_size,
     )

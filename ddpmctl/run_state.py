@@ -87,7 +87,7 @@ def model_config_differs(saved: dict[str, Any], cfg: Config) -> list[str]:
     diffs = []
     for section in ("model", "diffusion"):
         for key, value in saved.get(section, {}).items():
-            if key == "loss_fn":  # the loss may change on resume: the network stays the same
+            if key in ("loss_fn", "loss_weighting", "min_snr_gamma"):  # the loss may change on resume, not the network
                 continue
             if current[section].get(key) != value:
                 diffs.append(f"{key} (checkpoint {value}, now {current[section].get(key)})")

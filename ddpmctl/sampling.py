@@ -1,4 +1,5 @@
-"""Sampling loops (DDPM, DDIM, DPM-Solver++ 2M), progression grids, tiling and PNG writing. No UI: progress goes to a callback."""
+"""Sampling loops (DDPM, DDIM, DPM-Solver++ 2M, Heun), progression grids, tiling and PNG writing. No UI: progress
+goes to a callback. :func:`sampling_network` is the network as the samplers call it (EDM preconditioning included)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 
 from . import diffusion
+from .config import DiffusionConfig
 from .diffusion import Schedule
 from .errors import DdpmctlError
 from .files import atomic_path
 from .runtime import capture_cuda_graph, classify_oom, is_compiled
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "heun")
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
 
 # One generator for the whole batch, or one per image (then each image's noise is independent of the batch).
@@ -30,6 +32,17 @@ class SampleResult:
     frames: list[torch.Tensor] = field(default_factory=list)  # x_t at each recorded step, each (B, 3, H, W)
     frames_x0: list[torch.Tensor] = field(default_factory=list)  # predicted x_0 at the same steps
     frame_steps: list[int] = field(default_factory=list)  # the timestep of each recorded frame
+
+
+def recommended_sampler(cfg: DiffusionConfig) -> tuple[str, int]:
+    """The sampler and step count that measured best for this objective (benchmarks/quality.py, docs/quality.md).
+
+    Deterministic second-order samplers reach a given quality in the fewest network calls: Heun on EDM's
+    noise-level grid (Karras et al. 2022), DPM-Solver++(2M) on DDPM timesteps (Lu et al. 2022).
+    """
+    if cfg.formulation == "edm":
+        return "heun", 18
+    return "dpmpp2m", 25
 
 
 def sampler_timesteps(num_steps: int, sampler: str, steps: int | None) -> list[int]:
@@ -79,6 +92,31 @@ def randn_like_batch(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generator])
 
 
+class EDMDenoiser(nn.Module):
+    """An EDM-trained network as the samplers call it: (x_t, t) -> the denoised image D(x; sigma_t).
+
+    x = x_t / sqrt(abar_t) = x_0 + sigma_t n, then D = c_skip x + c_out F(c_in x; c_noise) (Karras et al.
+    2022, Table 1); the schedule's prediction type for edm is "sample".
+    """
+
+    def __init__(self, net: nn.Module, sched: Schedule):
+        super().__init__()
+        self.net = net
+        self.register_buffer("sigmas", sched.sigmas.clone(), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas.to(x_t.device)[t]
+        c_skip, c_out, c_in, c_noise = diffusion.edm_coefficients(sigma)
+        x = x_t.float() * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
+        out = self.net((c_in.view(-1, 1, 1, 1) * x).to(x_t.dtype), c_noise)
+        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * out.float()
+
+
+def sampling_network(net: nn.Module, sched: Schedule) -> nn.Module:
+    """The network as :func:`sample` calls it: itself, or wrapped in EDM's preconditioning for edm."""
+    return EDMDenoiser(net, sched) if sched.formulation == "edm" else net
+
+
 def _denoise_step(model: nn.Module, sched: Schedule, x: torch.Tensor, t: int, t_prev: int, sampler: str, eta: float,
                   generator: Generators, autocast: Callable[[], contextlib.AbstractContextManager],
                   in_dtype: torch.dtype, last: tuple[torch.Tensor | None, int | None]):
@@ -86,6 +124,15 @@ def _denoise_step(model: nn.Module, sched: Schedule, x: torch.Tensor, t: int, t_
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     with autocast():
         pred = model(x.to(in_dtype), tt)
+    if sampler == "heun":
+        x0 = diffusion.split_prediction(sched, x, tt, pred)[0].clamp(-1, 1)
+
+        def denoise(x_prev: torch.Tensor) -> torch.Tensor:  # D at the Euler point, one more network call
+            with autocast():
+                out = model(x_prev.to(in_dtype), torch.full_like(tt, t_prev))
+            return diffusion.split_prediction(sched, x_prev, torch.full_like(tt, t_prev), out)[0].clamp(-1, 1)
+
+        return diffusion.heun_step(sched, x, t, t_prev, x0, denoise), x0, last
     if sampler == "ddpm":
         z = randn_like_batch(x, generator) if t > 0 else None
         x_next, x0 = diffusion.ddpm_step(sched, x, t, pred, z)
@@ -121,7 +168,7 @@ class SamplingGraphs:
 
     @staticmethod
     def eligible(device: torch.device, sampler: str, eta: float, record: bool) -> bool:
-        return device.type == "cuda" and not record and (sampler == "dpmpp2m" or (sampler == "ddim" and eta == 0))
+        return device.type == "cuda" and not record and (sampler in ("dpmpp2m", "heun") or (sampler == "ddim" and eta == 0))
 
     def run(self, model: nn.Module, sched: Schedule, noise: torch.Tensor, sampler: str, timesteps: list[int],
             autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
@@ -169,8 +216,9 @@ def sample(
 ) -> SampleResult:
     """Denoise ``noise`` (x_T) into images; records x_t and x0_hat for progression grids.
 
-    ``sampler`` is 'ddpm' (Ho et al. Alg. 2, all timesteps), 'ddim' (Song et al., ``steps`` and ``eta``)
-    or 'dpmpp2m' (Lu et al. 2022, deterministic). ``generator`` (one, or one per image) drives the
+    ``sampler`` is 'ddpm' (Ho et al. Alg. 2, all timesteps), 'ddim' (Song et al., ``steps`` and ``eta``),
+    'dpmpp2m' (Lu et al. 2022, deterministic) or 'heun' (Karras et al. 2022, deterministic, two network
+    calls per step but the last). ``generator`` (one, or one per image) drives the
     per-step noise so a seed repeats a run. Frames are recorded when ``record`` is true (default: when
     ``record_every`` is given). ``callback(i, n)`` is called after each of the n steps. With ``graphs``
     on CUDA, a deterministic loop that records nothing runs as one replayed CUDA graph (the callback

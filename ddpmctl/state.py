@@ -15,16 +15,32 @@ from torch import nn
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in fp32 (DDPM paper: decay 0.9999)."""
+    """Exponential moving average of the weights, kept in fp32 (DDPM paper: decay 0.9999).
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    Its length is a fixed decay per update, or (``halflife_images``) a half-life in training images as in
+    Karras et al. 2022: the decay per update is 0.5 ** (images per update / half-life), so the average spans
+    the same number of images whatever the batch size.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, halflife_images: int | None = None,
+                 images_per_update: int = 1):
         self.decay = decay
         self.warmup = warmup
+        self.halflife_images, self.images_per_update = halflife_images, images_per_update
         self.num_updates = 0
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     def current_decay(self) -> float:
-        """With warm-up, min(decay, (1 + n) / (10 + n)) so the average forgets the random init quickly."""
+        """The decay of the next update.
+
+        Warm-up: min(decay, (1 + n) / (10 + n)) so the average forgets the random init quickly; with a
+        half-life, the half-life grows with the images seen, min(half-life, 5% of them) (EDM's ramp-up).
+        """
+        if self.halflife_images:
+            length = float(self.halflife_images)
+            if self.warmup:
+                length = min(length, 0.05 * self.num_updates * self.images_per_update)
+            return 0.5 ** (self.images_per_update / max(length, 1e-8))
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))

@@ -99,6 +99,8 @@ class TrainStep:
         scaler: torch.amp.GradScaler | None = None,
         ema: EMA | None = None,
         loss_fn: str = "mse",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
         random_flip: bool = True,
         channels_last: bool = False,
         accumulation: int = 1,
@@ -113,6 +115,7 @@ class TrainStep:
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         self.loss_fn, self.random_flip, self.channels_last = loss_fn, random_flip, channels_last
+        self.min_snr_gamma = min_snr_gamma if loss_weighting == "min_snr" else None
         self.accumulation = accumulation
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.ddp, self.grad_sync = ddp, grad_sync
@@ -151,26 +154,41 @@ class TrainStep:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=self.device)
-        noise = torch.randn_like(x0)
-        x_t = diffusion.q_sample(self.schedule, x0, t, noise)
-        target = diffusion.training_target(self.schedule, x0, t, noise)
+        inputs, level, target, weight = self._example(x0)
         sync = self.ddp.no_sync() if accumulating and self.ddp is not None else contextlib.nullcontext()
         with sync:  # all-reduce gradients only on the last micro-batch
             with self.precision.autocast():
-                pred = self.train_model(x_t, t)
-            if rows is None:
+                pred = self.train_model(inputs, level)
+            if rows is None and weight is None:
                 loss = diffusion.loss_fn(pred, target, self.loss_fn)
-            else:  # the graph's fixed-size batch: only the first `rows` images are real (see _capture)
+            else:
                 per_image = diffusion.loss_fn(pred, target, self.loss_fn, reduction="none").flatten(1).mean(1)
-                real = torch.arange(per_image.shape[0], device=per_image.device) < rows
-                loss = torch.where(real, per_image, 0.0).sum() / rows  # where, not *: a padded NaN must not leak
+                if weight is not None:
+                    per_image = per_image * weight
+                if rows is None:
+                    loss = per_image.mean()
+                else:  # the graph's fixed-size batch: only the first `rows` images are real (see _capture)
+                    real = torch.arange(per_image.shape[0], device=per_image.device) < rows
+                    loss = torch.where(real, per_image, 0.0).sum() / rows  # where, not *: a padded NaN must not leak
             if self.on_phase is not None:
                 self.on_phase()
             self.scaler.scale(loss / self.accumulation).backward()
             if self.on_phase is not None:
                 self.on_phase()
         return loss.detach()
+
+    def _example(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(network input, noise conditioning, target, per-image loss weight or None) for clean images x0."""
+        n, sched = x0.shape[0], self.schedule
+        if sched.formulation == "edm":  # continuous noise levels, preconditioned (Karras et al. 2022)
+            sigma = diffusion.edm_training_sigmas(torch.randn(n, device=self.device))
+            inputs, c_noise, target = diffusion.edm_training_example(x0, torch.randn_like(x0), sigma)
+            return inputs, c_noise, target, None
+        t = torch.randint(0, sched.num_steps, (n,), device=self.device)
+        noise = torch.randn_like(x0)
+        target = diffusion.training_target(sched, x0, t, noise)
+        weight = None if self.min_snr_gamma is None else diffusion.min_snr_weight(sched, t, self.min_snr_gamma)
+        return diffusion.q_sample(sched, x0, t, noise), t, target, weight
 
     def _gradients(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of the step's micro-batches, this rank's gradients only: the step's loss."""

@@ -61,5 +61,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be below 1, got {value}")
     if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
         raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
+    if d.formulation == "edm" and (d.prediction_type != "epsilon" or d.loss_weighting != "none"):
+        raise ConfigError("formulation edm has its own network output and loss weight: leave prediction_type and "
+                          "loss_weighting at their defaults (or use formulation ddpm)")
+    if d.min_snr_gamma <= 0:
+        raise ConfigError(f"min_snr_gamma must be positive, got {d.min_snr_gamma}")
+    if t.ema_halflife_images is not None and t.ema_halflife_images < 1:
+        raise ConfigError(f"ema_halflife_images must be at least 1, got {t.ema_halflife_images}")
     if d.beta_schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
         raise ConfigError("the linear schedule needs 0 < beta_start < beta_end < 1")

@@ -170,12 +170,12 @@ def flat(text: str) -> str:
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--batch-size", "abc"], "Invalid value for '--batch-size': must be a number (int), not 'abc'"),
     (["train", "--batch_size", "abc"], "Invalid value for '--batch-size': must be a number (int), not 'abc'"),
-    (["train", "--sampler", "foo"], "Invalid value for '--sampler': must be one of ddpm, ddim, dpmpp2m, not 'foo'"),
+    (["train", "--sampler", "foo"], "Invalid value for '--sampler': must be one of ddpm, ddim, dpmpp2m, heun, not 'foo'"),
     (["train", "--channel-multipliers", "1,x"], "Invalid value for '--channel-multipliers': must be a number (int), "
                                                 "not 'x'"),
     (["resume", "--device", "tpu"], "Invalid value for '--device': must be one of auto, cuda, mps, cpu, not 'tpu'"),
     (["evaluate", "--checkpoint", "c", "--data", "d", "--sampler", "foo"],
-     "Invalid value for '--sampler': must be one of ddpm, ddim, dpmpp2m, not 'foo'"),
+     "Invalid value for '--sampler': must be one of ddpm, ddim, dpmpp2m, heun, not 'foo'"),
     (["evaluate", "--checkpoint", "c", "--data", "d", "--device", "tpu"],
      "Invalid value for '--device': must be one of auto, cuda, mps, cpu, not 'tpu'"),
     (["evaluate", "--checkpoint", "c", "--data", "d", "--precision", "fp8"],

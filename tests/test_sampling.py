@@ -233,9 +233,17 @@ def test_sample_cli(tiny_run):
     assert len(list(out.glob("sample_*.png"))) == 3 and (out / "progression.png").is_file()
 
 
+def test_sample_cli_defaults_to_the_sampler_measured_best_for_the_objective(tiny_run):
+    out = tiny_run / "default_out"
+    result = runner.invoke(app, ["sample", "--checkpoint", str(tiny_run / "working" / "tiny"), "--out", str(out),
+                                 "--num", "1"])
+    assert result.exit_code == 0, result.output
+    assert "dpmpp2m, 20 steps" in result.output  # a ddpm model: DPM-Solver++(2M), 25 steps capped at its T = 20
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "21", "--sampler", "ddim"], "--steps must be at most 20"),
-    (["--steps", "5", "--sampler", "ddpm"], "--steps applies to --sampler ddim or dpmpp2m"),
+    (["--steps", "5", "--sampler", "ddpm"], "--steps applies to --sampler ddim, dpmpp2m or heun"),
 ])
 def test_sample_cli_user_errors(tiny_run, args, message):
     result = runner.invoke(app, ["sample", "--checkpoint", str(tiny_run / "working" / "tiny"), "--out",

@@ -305,3 +305,37 @@ def test_grad_sync_trains_as_distributed_data_parallel(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     mp.spawn(_grad_sync_rank, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def test_ema_half_life_spans_the_same_images_whatever_the_batch():
+    """Karras et al.: decay per update 0.5 ** (batch / half-life); after the ramp-up, the weight of the images
+    seen so far halves every half-life of images, at batch 4 or 16 alike."""
+    model = UNet(TINY)
+    small, big = (EMA(model, 0.9999, warmup=False, halflife_images=1000, images_per_update=b) for b in (4, 16))
+    assert small.current_decay() ** 250 == pytest.approx(0.5) and big.current_decay() ** 62.5 == pytest.approx(0.5)
+    ramped = EMA(model, 0.9999, warmup=True, halflife_images=1000, images_per_update=10)
+    assert ramped.current_decay() == 0.0  # nothing seen yet: the average is the weights
+    ramped.num_updates = 100  # 1,000 images seen: half-life min(1000, 5% of them) = 50 images
+    assert ramped.current_decay() == pytest.approx(0.5 ** (10 / 50))
+
+
+@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
+def test_min_snr_and_edm_steps_train(formulation):
+    """The step with each objective: finite loss, an update, the expected network input."""
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
+    cfg = DiffusionConfig(num_diffusion_timesteps=20, formulation=formulation, prediction_type="epsilon",
+                          loss_weighting="min_snr" if formulation == "ddpm" else "none")
+    step = TrainStep(model, model, Schedule(cfg), Precision("fp32", None, "cpu"), opt, lr, torch.device("cpu"),
+                     loss_weighting=cfg.loss_weighting)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+    result = step.step([torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)])
+    assert torch.isfinite(result.loss) and result.skipped.item() == 0.0
+    cond = seen[0]
+    if formulation == "edm":  # c_noise = ln(sigma) / 4, continuous
+        assert cond.dtype == torch.float32 and (cond.abs() < 5).all()
+    else:
+        assert cond.dtype == torch.long and step.min_snr_gamma == 5.0

@@ -20,14 +20,15 @@ from rich.progress import (
 
 from ..errors import ConfigError
 from ..inference import LoadedModel, SampleProgress, earlier_outputs, generate, load_model
-from ..sampling import SAMPLERS
+from ..sampling import SAMPLERS, recommended_sampler
 from .common import console, handle_errors, plural
-from .options import DeviceOpt, PrecisionOpt, SamplerOpt, plain_help
+from .options import DeviceOpt, MaybeSamplerOpt, PrecisionOpt, plain_help
 
 # Options shared with `ddpmctl evaluate`.
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")]
 StepsOpt = Annotated[Optional[int], typer.Option(
-    "--steps", min=1, help=plain_help("denoising steps for ddim/dpmpp2m [default: 50]"))]
+    "--steps", min=1, help=plain_help("denoising steps for ddim/dpmpp2m/heun (heun calls the network twice per step) "
+                                      "[default: with the default sampler, its measured step count; else 50]"))]
 EtaOpt = Annotated[float, typer.Option("--eta", min=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="the same seed gives the same images on the same device")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images denoised at once (halved if memory runs out)")]
@@ -54,7 +55,7 @@ def sample_cmd(
     show_x0: Annotated[bool, typer.Option("--show-x0", help="with --grid: add a row of predicted x_0 under each sample")] = False,
     plot_freq_interval: Annotated[Optional[int], typer.Option(
         "--plot-freq-interval", min=1, help=plain_help("with --grid: timesteps between columns [default: the run's]"))] = None,
-    sampler: SamplerOpt = "ddpm",
+    sampler: MaybeSamplerOpt = None,
     steps: StepsOpt = None,
     eta: EtaOpt = 0.0,
     seed: SeedOpt = 0,
@@ -68,13 +69,18 @@ def sample_cmd(
         "--force", help="replace the sample_*.png, samples.png and progression.png already in --out "
                         "(they are deleted before sampling)")] = False,
 ) -> None:
-    """Generate --num images as PNG files in --out."""
+    """Generate --num images as PNG files in --out.
+
+    Without --sampler, the sampler and step count that measured best for the model's objective are used
+    (docs/quality.md): Heun for edm models, DPM-Solver++(2M) for ddpm ones.
+    """
     steps = check_sampler_options(sampler, steps, precision)
     earlier_outputs(out, force)  # refuse a file, or earlier samples without --force, before loading anything
     loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile,
                         cuda_graph=cuda_graph)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    sampler, steps = default_sampler(loaded, sampler, steps)
     steps = check_steps(steps, loaded, sampler)
     console.print(f"sampling {num} {plural(num, 'image')} from {loaded.checkpoint} (step {loaded.step}, "
                   f"{describe(loaded, sampler, steps, eta)}) on {loaded.device}, batches of {min(batch_size, num)}",
@@ -91,19 +97,27 @@ def sample_cmd(
         console.print(f"all samples in one picture: {res.sheet}", highlight=False)
 
 
-def check_sampler_options(sampler: str, steps: int | None, precision: str) -> int | None:
-    """Validate --sampler/--precision before anything is loaded."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler must be ddpm, ddim or dpmpp2m, not {sampler!r}")
+def check_sampler_options(sampler: str | None, steps: int | None, precision: str) -> int | None:
+    """Validate --sampler/--precision before anything is loaded (None: the model's recommended sampler)."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler must be ddpm, ddim, dpmpp2m or heun, not {sampler!r}")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if sampler == "ddpm" and steps is not None:
-        raise ConfigError("--steps applies to --sampler ddim or dpmpp2m; ddpm always runs every timestep of the model")
+        raise ConfigError("--steps applies to --sampler ddim, dpmpp2m or heun; ddpm always runs every timestep of the model")
     return steps
 
 
+def default_sampler(loaded: LoadedModel, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+    """The sampler asked for, or the one that measured best for the model's objective (with its step count)."""
+    if sampler is not None:
+        return sampler, steps
+    best, best_steps = recommended_sampler(loaded.config.diffusion)
+    return best, steps if steps is not None else min(best_steps, loaded.schedule.num_steps)
+
+
 def check_steps(steps: int | None, loaded: LoadedModel, sampler: str = "ddim") -> int | None:
-    """--steps against the model's T; ddim/dpmpp2m default to 50 steps (or T when T is smaller)."""
+    """--steps against the model's T; ddim/dpmpp2m/heun default to 50 steps (or T when T is smaller)."""
     total = loaded.schedule.num_steps
     if steps is not None and steps > total:
         raise ConfigError(f"--steps must be at most {total} for this model")
@@ -119,6 +133,8 @@ def describe(loaded: LoadedModel, sampler: str, steps: int | None, eta: float) -
         what = f"DDPM, all {loaded.schedule.num_steps} steps"
     else:
         what = f"{sampler}, {steps} {plural(steps, 'step')}" + (f", eta {eta:g}" if sampler == "ddim" else "")
+    if d.formulation == "edm":
+        return f"{weights} weights, {what}, EDM formulation"
     return f"{weights} weights, {what}, {d.beta_schedule} schedule, {d.prediction_type} prediction"
 
 
