@@ -44,6 +44,11 @@ class ModelConfig:
     bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
     dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
     time_embedding_silu: bool = True  # SiLU on the time embedding before each block's projection (Ho et al.); off: older runs
+    time_embedding_freq_shift: int = 0  # sinusoidal time embedding frequencies exp(-ln(10^4) i / (C/2 - this)); Ho et al.'s code: 1
+    downsample_padding: Literal["both", "after"] = "both"  # stride-2 downsampling pads 1 px on every side, or right/bottom only (after: TensorFlow 'SAME', Ho et al.)
+    norm_groups: int | None = None  # GroupNorm groups in every layer; none given: gcd(32, channels) per layer
+    norm_eps: float = 1e-6  # GroupNorm epsilon
+    attention_head_dim: int | None = None  # channels per attention head (heads = channels / this, per layer); none given: num_heads heads
 
 
 @dataclass
@@ -317,7 +322,8 @@ def dump_yaml(cfg: Config) -> str:
 # Model options added after runs could already be saved, with the value that rebuilds the network those
 # runs trained. A saved configuration (a run's config.yaml, a checkpoint's meta.json, an exported file's
 # metadata) that lacks one was written before the option existed.
-SAVED_BEFORE = {"time_embedding_silu": False}
+SAVED_BEFORE = {"time_embedding_silu": False, "time_embedding_freq_shift": 0, "downsample_padding": "both",
+                "norm_groups": None, "norm_eps": 1e-6, "attention_head_dim": None}
 
 
 def complete_saved(data: dict[str, Any] | None) -> dict[str, Any]:
@@ -416,6 +422,14 @@ def validate(cfg: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
+    for name, value in (("norm_groups", m.norm_groups), ("attention_head_dim", m.attention_head_dim)):
+        if value is not None and (value < 1 or m.starting_channels % value):
+            raise ConfigError(f"{name} must divide starting_channels ({m.starting_channels}), got {value}")
+    if not 0 < m.norm_eps < 1:
+        raise ConfigError(f"norm_eps must be between 0 and 1, got {m.norm_eps}")
+    if m.time_embedding_freq_shift and not 0 < m.time_embedding_freq_shift < m.starting_channels // 2:
+        raise ConfigError(f"time_embedding_freq_shift must be from 0 to starting_channels / 2 - 1, "
+                          f"got {m.time_embedding_freq_shift}")
     if not m.channel_multipliers or min(m.channel_multipliers) < 1:
         raise ConfigError("channel_multipliers must be a list of positive integers, e.g. 1,2,2,2")
     factor = 2 ** (len(m.channel_multipliers) - 1)
