@@ -44,11 +44,11 @@ class ModelConfig:
     bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
     dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
     time_embedding_silu: bool = True  # SiLU on the time embedding before each block's projection (Ho et al.); off: older runs
-    time_embedding_freq_shift: int = 0  # sinusoidal time embedding frequencies exp(-ln(10^4) i / (C/2 - this)); Ho et al.'s code: 1
-    downsample_padding: Literal["both", "after"] = "both"  # stride-2 downsampling pads 1 px on every side, or right/bottom only (after: TensorFlow 'SAME', Ho et al.)
+    time_embedding_freq_shift: int = 0  # time embedding frequencies exp(-ln(1e4) i / (C/2 - this)); Ho et al.'s code: 1
+    downsample_padding: Literal["both", "after"] = "both"  # downsampling pads all sides, or right/bottom (Ho et al.'s)
     norm_groups: int | None = None  # GroupNorm groups in every layer; none given: gcd(32, channels) per layer
     norm_eps: float = 1e-6  # GroupNorm epsilon
-    attention_head_dim: int | None = None  # channels per attention head (heads = channels / this, per layer); none given: num_heads heads
+    attention_head_dim: int | None = None  # channels per attention head (heads = channels / this); none: num_heads heads
 
 
 @dataclass
