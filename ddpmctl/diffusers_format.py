@@ -393,17 +393,3 @@ def from_diffusers(state: Mapping[str, torch.Tensor], m: ModelConfig, flip_sin_t
         raise CheckpointError(f"{source} holds weights its config.json does not describe (e.g. {sorted(left)[0]})")
     return out
 
-
-def check_shapes(weights: Mapping[str, torch.Tensor], m: ModelConfig, source: str) -> None:
-    """Refuse weights that do not fit UNet(m) (names and shapes), in one line."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(m).state_dict().items()}
-    for key, shape in expected.items():
-        if key not in weights:
-            raise CheckpointError(f"{source} does not fit its model config: no weight {key}")
-        if tuple(weights[key].shape) != shape:
-            raise CheckpointError(f"{source} does not fit its model config: {key} is "
-                                  f"{tuple(weights[key].shape)}, the model needs {shape}")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source} holds weights its model config does not use (e.g. {extra[0]})")

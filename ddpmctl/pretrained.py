@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .config import (
     with_absolute_paths,
 )
 from .errors import CheckpointError
+from .model import UNet
 
 
 @dataclass
@@ -56,6 +58,21 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
+def check_shapes(weights: Mapping[str, torch.Tensor], m: ModelConfig, source: str) -> None:
+    """Refuse weights that do not fit UNet(m) (names and shapes), in one line."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(m).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in weights:
+            raise CheckpointError(f"{source} does not fit its model config: no weight {key}")
+        if tuple(weights[key].shape) != shape:
+            raise CheckpointError(f"{source} does not fit its model config: {key} is "
+                                  f"{tuple(weights[key].shape)}, the model needs {shape}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source} holds weights its model config does not use (e.g. {extra[0]})")
+
+
 def read_diffusers(path: str | Path) -> Pretrained:
     """A diffusers UNet2DModel (or pipeline) folder as ddpmctl weights and configs; unsupported parts refused."""
     unet, sched = df.find_unet(path)
@@ -63,7 +80,7 @@ def read_diffusers(path: str | Path) -> Pretrained:
     diffusion, notes = df.diffusion_config_from_scheduler(df.read_json(sched) if sched else None, str(unet))
     file = df.weights_file(unet)
     weights = df.from_diffusers(_read_safetensors(file), model, flip, str(file))
-    df.check_shapes(weights, model, str(file))
+    check_shapes(weights, model, str(file))
     return Pretrained(model, diffusion, weights, str(Path(path).expanduser()), ema=False, notes=notes)
 
 
@@ -77,7 +94,7 @@ def read_checkpoint(path: str | Path) -> Pretrained:
         notes.append(f"{ckpt.name} has no EMA weights; using the raw weights")
     name = checkpoints.EMA if ema else checkpoints.MODEL
     weights = {k: v.float() for k, v in checkpoints.load_weights(ckpt, name).items()}
-    df.check_shapes(weights, cfg.model, str(ckpt / name))
+    check_shapes(weights, cfg.model, str(ckpt / name))
     return Pretrained(cfg.model, cfg.diffusion, weights, str(ckpt), ema, int(meta["step"]), notes)
 
 
@@ -94,7 +111,7 @@ def read_exported(path: Path) -> Pretrained:
     except Exception as exc:  # unreadable header, bad JSON, unknown keys: the file's fault
         raise CheckpointError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200]}") from None
     weights = {k: v.float() for k, v in _read_safetensors(path).items()}
-    df.check_shapes(weights, model, str(path))
+    check_shapes(weights, model, str(path))
     step = meta.get("step", "")
     return Pretrained(model, diffusion, weights, str(path), meta.get("weights") == "ema",
                       int(step) if step.isdigit() else None)

@@ -157,6 +157,26 @@ def test_export_loads_in_diffusers_and_computes_the_same(tmp_path, exportable_ru
     assert again.model.norm_groups == 8 and again.diffusion == loaded.config.diffusion
 
 
+def test_load_pretrained_reads_every_kind_of_source(tmp_path, exportable_run):
+    """Run folder, checkpoint folder, exported .safetensors file, diffusers export: the same EMA weights."""
+    run, result = exportable_run
+    file = tmp_path / "tiny.safetensors"
+    assert runner.invoke(app, ["checkpoints", "export", str(run), "--out", str(file)]).exit_code == 0
+    assert runner.invoke(app, ["checkpoints", "export", str(run), "--format", "diffusers", "--out",
+                               str(tmp_path / "d")]).exit_code == 0
+    ema = load_file(str(run / f"checkpoint_{result.step}" / "ema.safetensors"))
+    for source in (run, run / f"checkpoint_{result.step}", file, tmp_path / "d", tmp_path / "d" / "unet"):
+        pre = load_pretrained(source)
+        assert pre.weights.keys() == ema.keys(), source
+        assert all(torch.equal(pre.weights[k], ema[k]) for k in ema), source
+        assert pre.diffusion.num_diffusion_timesteps == 1000 and pre.model.downsample_padding == "after"
+        net = UNet(pre.model)
+        net.load_state_dict(pre.weights)
+    assert load_pretrained(run).ema and load_pretrained(run).step == 3
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pretrained(tmp_path / "missing")
+
+
 def test_export_replaces_only_an_earlier_export(tmp_path, exportable_run):
     run, _ = exportable_run
     out = tmp_path / "exported"
