@@ -46,6 +46,11 @@ class ModelConfig:
     bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
     dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
     time_embedding_silu: bool = True  # SiLU on the time embedding before each block's projection (Ho et al.); off: older runs
+    time_embedding_freq_shift: int = 0  # time embedding frequencies exp(-ln(1e4) i / (C/2 - this)); Ho et al.'s code: 1
+    downsample_padding: Literal["both", "after"] = "both"  # downsampling pads all sides, or right/bottom (Ho et al.'s)
+    norm_groups: int | None = None  # GroupNorm groups in every layer; none given: gcd(32, channels) per layer
+    norm_eps: float = 1e-6  # GroupNorm epsilon
+    attention_head_dim: int | None = None  # channels per attention head (heads = channels / this); none: num_heads heads
 
 
 @dataclass
@@ -323,7 +328,8 @@ def dump_yaml(cfg: Config) -> str:
 # Model options added after runs could already be saved, with the value that rebuilds the network those
 # runs trained. A saved configuration (a run's config.yaml, a checkpoint's meta.json, an exported file's
 # metadata) that lacks one was written before the option existed.
-SAVED_BEFORE = {"time_embedding_silu": False}
+SAVED_BEFORE = {"time_embedding_silu": False, "time_embedding_freq_shift": 0, "downsample_padding": "both",
+                "norm_groups": None, "norm_eps": 1e-6, "attention_head_dim": None}
 
 
 def complete_saved(data: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,9 @@ one more block per stage, each block taking the matching encoder activation as a
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +39,12 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def group_norm(channels: int) -> GroupNorm:
-    """GroupNorm with 32 groups where the width allows (fewer for narrow demo models)."""
-    return GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+def group_norm(channels: int, groups: int | None = None, eps: float = 1e-6) -> GroupNorm:
+    """GroupNorm with ``groups`` groups; unset, 32 where the width allows (fewer for narrow demo models)."""
+    return GroupNorm(groups or math.gcd(32, channels), channels, eps=eps)
+
+
+Norm = Callable[[int], nn.Module]  # channels -> a normalisation layer (the model's group_norm settings bound)
 
 
 def set_low_precision_norms(model: nn.Module, enabled: bool) -> None:
@@ -49,10 +54,14 @@ def set_low_precision_norms(model: nn.Module, enabled: bool) -> None:
             m.low_precision = enabled
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: int = 0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim), [sin | cos].
+
+    Frequencies exp(-ln(max_period) i / (dim/2 - freq_shift)), i < dim/2; Ho et al.'s code uses freq_shift 1.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -61,12 +70,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-dropout-conv, plus skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, norm: Norm = group_norm):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb = nn.Linear(temb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -100,12 +109,12 @@ def spell_out_attention(q: torch.Tensor) -> bool:
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, norm: Norm = group_norm):
         super().__init__()
         if channels % num_heads:
             num_heads = math.gcd(channels, num_heads)
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -123,14 +132,19 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution."""
+    """Halve H and W with a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    ``padding`` "both": one pixel on every side. "after": right and bottom only, TensorFlow's 'SAME' for a
+    stride-2 3x3 kernel on an even size, as in Ho et al.'s released code (diffusers' downsample_padding=0).
+    """
+
+    def __init__(self, channels: int, padding: str = "both"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad_after = padding == "after"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_after else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_after else x)
 
 
 class Upsample(nn.Module):
@@ -147,10 +161,11 @@ class Upsample(nn.Module):
 class Block(nn.Module):
     """A residual block, optionally followed by self-attention."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, attn: bool, heads: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, attn: bool, heads: int,
+                 norm: Norm = group_norm):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, temb_dim, dropout)
-        self.attn = Attention(out_ch, heads) if attn else None
+        self.res = ResBlock(in_ch, out_ch, temb_dim, dropout, norm)
+        self.attn = Attention(out_ch, heads, norm) if attn else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, temb)
@@ -164,6 +179,11 @@ def attention_resolutions(cfg: ModelConfig) -> tuple[int, ...]:
     return tuple(cfg.img_size // 2**i for i in range(1, len(cfg.channel_multipliers)))
 
 
+def attention_heads(cfg: ModelConfig, channels: int) -> int:
+    """Heads of an attention layer over ``channels``: channels / attention_head_dim when set, else num_heads."""
+    return channels // cfg.attention_head_dim if cfg.attention_head_dim else cfg.num_heads
+
+
 class UNet(nn.Module):
     """Predicts the noise (or v) in x_t given t: (B, 3, H, W), (B,) -> (B, 3, H, W)."""
 
@@ -173,7 +193,10 @@ class UNet(nn.Module):
         ch = cfg.starting_channels
         temb_dim = 4 * ch
         attn_at = set(attention_resolutions(cfg))
-        block = lambda i, o, res: Block(i, o, temb_dim, cfg.dropout, res in attn_at, cfg.num_heads)  # noqa: E731
+        norm = functools.partial(group_norm, groups=cfg.norm_groups, eps=cfg.norm_eps)
+
+        def block(i: int, o: int, attn: bool) -> Block:
+            return Block(i, o, temb_dim, cfg.dropout, attn, attention_heads(cfg, o), norm)
 
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.stem = nn.Conv2d(3, ch, 3, padding=1)
@@ -183,32 +206,29 @@ class UNet(nn.Module):
         cur, res = ch, cfg.img_size
         for level, mult in enumerate(cfg.channel_multipliers):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(cur, ch * mult, res))
+                self.down.append(block(cur, ch * mult, res in attn_at))
                 cur = ch * mult
                 skips.append(cur)
             if level != len(cfg.channel_multipliers) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, cfg.downsample_padding))
                 res //= 2
                 skips.append(cur)
 
-        self.mid = nn.ModuleList(
-            Block(cur, cur, temb_dim, cfg.dropout, i < cfg.bottleneck_blocks - 1, cfg.num_heads)
-            for i in range(cfg.bottleneck_blocks)
-        )
+        self.mid = nn.ModuleList(block(cur, cur, i < cfg.bottleneck_blocks - 1) for i in range(cfg.bottleneck_blocks))
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_multipliers))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(cur + skips.pop(), ch * mult, res))
+                self.up.append(block(cur + skips.pop(), ch * mult, res in attn_at))
                 cur = ch * mult
             if level != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
 
-        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, 3, 3, padding=1))
+        self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.starting_channels))
+        temb = self.temb(timestep_embedding(t, self.config.starting_channels, self.config.time_embedding_freq_shift))
         if self.config.time_embedding_silu:  # Ho et al.: each block projects nonlinearity(temb); applied once here
             temb = F.silu(temb)
         temb = temb.to(x.dtype)

@@ -48,6 +48,14 @@ def validate(cfg: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
+    for name, value in (("norm_groups", m.norm_groups), ("attention_head_dim", m.attention_head_dim)):
+        if value is not None and (value < 1 or m.starting_channels % value):
+            raise ConfigError(f"{name} must divide starting_channels ({m.starting_channels}), got {value}")
+    if not 0 < m.norm_eps < 1:
+        raise ConfigError(f"norm_eps must be between 0 and 1, got {m.norm_eps}")
+    if m.time_embedding_freq_shift and not 0 < m.time_embedding_freq_shift < m.starting_channels // 2:
+        raise ConfigError(f"time_embedding_freq_shift must be from 0 to starting_channels / 2 - 1, "
+                          f"got {m.time_embedding_freq_shift}")
     if not m.channel_multipliers or min(m.channel_multipliers) < 1:
         raise ConfigError("channel_multipliers must be a list of positive integers, e.g. 1,2,2,2")
     factor = 2 ** (len(m.channel_multipliers) - 1)

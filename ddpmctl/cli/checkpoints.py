@@ -1,4 +1,5 @@
-"""``ddpmctl checkpoints list|prune|export``: look at a run's checkpoints, thin them out, export weights."""
+"""``ddpmctl checkpoints list|prune|export``: look at a run's checkpoints, thin them out, export weights
+(one safetensors file, or a diffusers folder)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import checkpoints as ck
-from .. import prune, rundir, runlock
+from .. import pretrained, prune, rundir, runlock
 from ..export import export_weights
 from ..layout import ABANDONED
 from .common import console, err_console, fail, handle_errors
@@ -138,11 +139,25 @@ def prune_cmd(
 def export_cmd(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="a checkpoint folder, or a run "
                                            "folder (its newest good checkpoint)", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", metavar="FILE.safetensors", help="the file to write",
-                                      show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
+    out: Annotated[Path, typer.Option("--out", metavar="FILE.safetensors|DIR", help="the file to write "
+                                      "(safetensors), or the folder (diffusers)", show_default=False)],
+    format: Annotated[str, typer.Option("--format", metavar="[safetensors|diffusers]", help="safetensors: one file, "
+                                        "model config in its metadata; diffusers: a folder that diffusers' "
+                                        "UNet2DModel/DDPMPipeline.from_pretrained load, with a model card")] = "safetensors",
+    force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists (diffusers: an earlier "
+                                        "export only)")] = False,
 ) -> None:
-    """Write the (EMA) weights as one .safetensors file with the model config in its metadata."""
+    """Write the (EMA) weights as one .safetensors file, or as a diffusers folder (--format diffusers)."""
+    if format not in ("safetensors", "diffusers"):
+        raise typer.BadParameter("must be safetensors or diffusers", param_hint="--format")
+    if format == "diffusers":
+        folder = pretrained.export_diffusers(source, out, overwrite=force)
+        for note in folder.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"wrote {folder.out} ({folder.weights} weights of {folder.source.name}, step {folder.step}): "
+                      "a DDPMPipeline folder with unet/, scheduler/ and a model card (README.md)", highlight=False,
+                      soft_wrap=True)
+        return
     result = export_weights(source, out, overwrite=force)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)

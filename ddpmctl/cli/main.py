@@ -16,6 +16,7 @@ try:  # the command modules import torch and more (seconds on a cold start): Ctr
     from .checkpoints import app as checkpoints_app
     from .doctor import doctor_cmd
     from .evaluate import evaluate_cmd
+    from .import_cmd import import_cmd
     from .options import UNDERSCORE_ALIASES
     from .prepare import prepare_cmd
     from .sample import sample_cmd
@@ -55,6 +56,7 @@ app.command("resume", help="Continue a run from its latest checkpoint; its confi
 app.command("sample")(sample_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("prepare")(prepare_cmd)
+app.command("import")(import_cmd)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.command("doctor", context_settings=UNDERSCORE_ALIASES)(doctor_cmd)
 
