@@ -91,6 +91,7 @@ class TrainingConfig:
     cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (bf16/fp32, no accumulation; torchrun too)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     resume_from_checkpoint: str | None = None  # checkpoint_<step> or latest: continue the run from it
+    init_from: str | None = None  # start a new run from trained weights: a diffusers folder, a run or checkpoint, an export
 
 
 @dataclass
@@ -377,6 +378,15 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
     return cfg
 
 
+# A run started --init-from trained weights fine-tunes them: defaults a --config file or an option still overrides.
+FINE_TUNING_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 200}
+
+
+def fine_tuning_base() -> Config:
+    """The built-in defaults with FINE_TUNING_DEFAULTS laid over them (the base of an --init-from run)."""
+    return apply_overrides(Config(), FINE_TUNING_DEFAULTS)
+
+
 def absolute_path(path: str | None) -> str | None:
     """``path`` with ``~`` expanded, made absolute against the current directory (None stays None)."""
     return os.path.abspath(os.path.expanduser(path)) if path else path
@@ -386,5 +396,5 @@ def with_absolute_paths(cfg: Config) -> Config:
     """``cfg`` with its folders made absolute (``~`` expanded), so the config.yaml a run writes means the same
     from any directory: ``resume`` and ``sample`` run from elsewhere find the data and the grids' folder."""
     paths = {"working_directory": cfg.run.working_directory, "generated_directory": cfg.run.generated_directory,
-             "path_to_data": cfg.data.path_to_data}
+             "path_to_data": cfg.data.path_to_data, "init_from": cfg.training.init_from}
     return apply_overrides(cfg, {k: absolute_path(v) for k, v in paths.items() if v})

@@ -30,6 +30,7 @@ from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
 from .layout import LOSS_PLOT, METRICS, RUN_CONFIG, grid_name
 from .parts import build_parts
+from .pretrained import fine_tuning_config, load_pretrained
 from .run_state import RunState, resume_point
 from .runlock import RunLock
 from .runtime import DistInfo, barrier, configure_backends, init_distributed, resolve_precision, select_device
@@ -69,7 +70,7 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
     emit = on_event or (lambda _e: None)
     stop = stop or StopFlag()
     cfg = with_absolute_paths(cfg)  # config.yaml must mean the same from any directory
-    if not cfg.training.resume_from_checkpoint:  # a run saved before the check keeps its (attention-less) setting
+    if not cfg.training.resume_from_checkpoint and not cfg.training.init_from:  # saved runs keep their setting
         check_attention_resolutions(cfg.model)
     dist_info = init_distributed(cfg.run.device)
     created = missing_folders(cfg.run_dir, cfg.generated_dir) if dist_info.is_main else []
@@ -142,8 +143,9 @@ class Trainer:
         self.wandb = _wandb_module(cfg)
 
     def setup(self) -> None:
+        resume_path, self.notes = resume_point(self.cfg, self.dist, self.lock)
+        weights = self._start_from_trained_weights() if resume_path is None and self.cfg.training.init_from else None
         cfg, t = self.cfg, self.cfg.training
-        resume_path, self.notes = resume_point(cfg, self.dist, self.lock)
         self.device = select_device(cfg.run.device, self.dist.local_rank)
         configure_backends(self.device)
         self.precision = resolve_precision(t.precision, self.device)
@@ -153,7 +155,7 @@ class Trainer:
             self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
-        self.parts = build_parts(cfg, self.device, self.precision, self.dist)
+        self.parts = build_parts(cfg, self.device, self.precision, self.dist, weights)
         # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
         # and freezes, so take what there is.
         workers = cfg.data.num_workers
@@ -171,6 +173,17 @@ class Trainer:
         else:
             torch.manual_seed(cfg.run.seed + 7919 * self.dist.rank)  # per-rank noise and timesteps
         self.resumed_from = resume_path
+
+    def _start_from_trained_weights(self) -> dict[str, torch.Tensor]:
+        """--init-from: the run takes the weights' network and diffusion settings; optimizer and EMA start fresh."""
+        pre = load_pretrained(self.cfg.training.init_from)
+        self.cfg, ignored = fine_tuning_config(self.cfg, pre)
+        what = ("EMA weights" if pre.ema else "weights") + (f" of step {pre.step}" if pre.step is not None else "")
+        t = self.cfg.training
+        self.notes += [f"fine-tuning {what} from {pre.source}: its network and diffusion settings, a fresh optimizer "
+                       f"and EMA, learning rate {t.learning_rate:g} after {t.warmup_steps} warm-up steps",
+                       *pre.notes, *ignored]
+        return pre.weights
 
     def _start(self) -> None:
         """Write config.yaml, drop metric rows that are about to be replayed, announce the run."""

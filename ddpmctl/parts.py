@@ -29,15 +29,21 @@ class Parts:
     step: TrainStep
 
 
-def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_info: DistInfo | None = None) -> Parts:
+def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_info: DistInfo | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> Parts:
     """Model (seeded by ``cfg.run.seed``, the same on every rank), EMA, AdamW, LR schedule and the training step.
+
+    ``weights``: start the model (and the EMA) from these instead of the random initialisation (fine-tuning).
 
     Under torchrun (``dist_info.enabled``) the gradients are averaged by GradSync around a CUDA graph where one
     can be captured, else by DistributedDataParallel; ``cfg.training.compile`` compiles the network after that.
     """
     t = cfg.training
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = model.to(device)
     channels_last = t.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

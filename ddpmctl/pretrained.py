@@ -7,6 +7,7 @@ Only safetensors and JSON are read from the folders of others: nothing loaded ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -137,6 +138,27 @@ def load_pretrained(path: str | Path) -> Pretrained:
     if df.is_diffusers_folder(path) or (path.is_file() and (path.parent / df.UNET_CONFIG).is_file()):
         return read_diffusers(path)
     return read_checkpoint(path)
+
+
+def fine_tuning_config(cfg: Config, pre: Pretrained) -> tuple[Config, list[str]]:
+    """``cfg`` with the network and diffusion settings of ``pre``, which define what its weights compute.
+
+    The loss (loss_fn, loss_weighting, min_snr_gamma) stays the run's own; a model or diffusion option set
+    to something else than both the default and the weights' value is named in a note, as it is ignored.
+    """
+    own_loss = {k: getattr(cfg.diffusion, k) for k in ("loss_fn", "loss_weighting", "min_snr_gamma")}
+    notes = []
+    for section, theirs in (("model", pre.model), ("diffusion", pre.diffusion)):
+        mine = getattr(cfg, section)
+        default = type(mine)()
+        for f in dataclasses.fields(mine):
+            ours, given = getattr(mine, f.name), getattr(theirs, f.name)
+            if f.name not in own_loss and ours != given and ours != getattr(default, f.name):
+                notes.append(f"{f.name} {ours} ignored: the network comes from --init-from ({f.name} {given})")
+    data = to_dict(cfg)
+    data["model"] = dataclasses.asdict(pre.model)
+    data["diffusion"] = {**dataclasses.asdict(pre.diffusion), **own_loss}
+    return from_dict(data, source=f"--init-from {pre.source}"), notes
 
 
 # ----------------------------------------------------------------------------- import

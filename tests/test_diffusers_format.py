@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import assert_one_line_error, tiny_args
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -280,3 +281,33 @@ def test_an_edm_run_is_not_exported_as_a_ddpm_pipeline():
 
     with pytest.raises(CheckpointError, match="formulation edm has no diffusers scheduler"):
         diffusers_format.scheduler_config(DiffusionConfig(formulation="edm"))
+
+
+def test_an_exported_run_re_imported_fine_tunes_and_resumes(tmp_path, exportable_run, tiny_images):
+    """Export -> import -> train --init-from a few steps on the CPU: the weights it starts from are the export's,
+    the network and diffusion settings come from it, the fine-tuning defaults apply, and the run resumes."""
+    run, _ = exportable_run
+    exported, imported = tmp_path / "exported", tmp_path / "imported"
+    assert runner.invoke(app, ["checkpoints", "export", str(run), "--format", "diffusers", "--out", str(exported)]).exit_code == 0
+    assert runner.invoke(app, ["import", str(exported), "--out", str(imported)]).exit_code == 0
+    start = load_pretrained(imported).weights
+    args = tiny_args(tiny_images, tmp_path, steps=2, img_size=32, starting_channels=16)  # both ignored: from the weights
+    at = args.index("--warmup-steps")
+    del args[at:at + 2]  # let the fine-tuning default apply
+    result = runner.invoke(app, ["train", *args, "--init-from", str(imported)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "fine-tuning EMA weights of step 0 from" in text and "learning rate 2e-05 after 200 warm-up steps" in text
+    assert "img_size 32 ignored: the network comes from --init-from (img_size 16)" in text
+    tuned = tmp_path / "working" / "tiny"
+    saved = yaml.safe_load((tuned / "config.yaml").read_text())
+    assert saved["model"]["norm_groups"] == 8 and saved["model"]["img_size"] == 16
+    assert saved["training"]["learning_rate"] == 2e-5 and saved["training"]["init_from"] == str(imported)
+
+    # The first step moved the weights away from the start, by a fine-tuning-sized step.
+    first = load_model(tuned, device="cpu", use_ema=False).model.state_dict()
+    moved = max((first[k] - start[k]).abs().max().item() for k in start)
+    assert 0 < moved < 1e-2
+    resumed = runner.invoke(app, ["resume", "--experiment-name", "tiny", "--working-directory",
+                                  str(tmp_path / "working"), "--num-training-steps", "3"])
+    assert resumed.exit_code == 0 and "resuming at step 2" in resumed.output, resumed.output

@@ -164,6 +164,8 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
                               "starting a new one", highlight=False, soft_wrap=True)
         elif which:
             cfg = config_mod.resolve_for_resume(config_file, overrides)
+        if cfg.training.init_from and not cfg.training.resume_from_checkpoint:  # fine-tuning: its own defaults
+            cfg = config_mod.resolve(config_file, overrides, base=config_mod.fine_tuning_base())
     run_training(cfg)
 
 
