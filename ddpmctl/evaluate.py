@@ -31,7 +31,7 @@ from .checkpoints import sha256_file
 from .errors import DataError, DdpmctlError
 from .inference import LoadedModel, SampleProgress, iter_samples
 from .memorization import MemorizationCheck
-from .memorization_io import load_reference, write_report
+from .memorization_io import load_reference, report_dir, write_report
 from .sampling import to_uint8
 
 CACHE_FORMAT = 1
@@ -328,11 +328,6 @@ class EvalResult:
         return asdict(self)
 
 
-def report_dir(loaded: LoadedModel) -> Path:
-    """Where evaluate writes nearest.png and memorization.json by default: RUN/evaluate/step_<N>."""
-    return loaded.checkpoint.parent / "evaluate" / f"step_{loaded.step}"
-
-
 def evaluate(
     loaded: LoadedModel,
     data_dir: str | Path,
@@ -357,7 +352,7 @@ def evaluate(
     ``extractor`` defaults to torchmetrics' Inception-v3 (loaded first, so a missing weights file
     fails before any sampling); any module mapping uint8 (B, 3, H, W) to (B, F) works.
     ``memorization`` adds the nearest-training-image report (memorization.py), written into ``out_dir``
-    (default :func:`report_dir`); with it, FID/KID that cannot be computed (no weights, no network) are
+    (default RUN/evaluate/step_<N>); with it, FID/KID that cannot be computed (no weights, no network) are
     skipped with the reason in ``fid_skipped`` instead of failing. ``fid=False`` skips them on purpose.
     """
     if not fid and not memorization:
@@ -375,9 +370,10 @@ def evaluate(
             fid, skipped = False, str(exc)
     check = None
     if memorization:  # before the FID reference: a problem with the data shows before any long work
+        dev = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")  # MPS: ops untested there
         mem_ref, mem_cached = load_reference(data_dir, loaded.config.model.img_size, cache_dir=cache_dir,
-                                             device=_report_device(loaded), on_progress=on_training)
-        check = MemorizationCheck(mem_ref, device=_report_device(loaded))
+                                             device=dev, on_progress=on_training)
+        check = MemorizationCheck(mem_ref, device=dev)
     ref = ident = None
     if fid:
         extractor = extractor.to(loaded.device).eval()
@@ -403,14 +399,9 @@ def evaluate(
         result.feature_extractor, result.reference_cache, result.reference_cached = ident, str(ref.path), ref.cached
     if check is not None:
         report = check.result()
-        out = write_report(report, out_dir or report_dir(loaded), extra={
+        out = write_report(report, out_dir or report_dir(loaded.checkpoint, loaded.step), extra={
             "checkpoint": result.checkpoint, "step": result.step, "ema": result.ema, "sampler": sampler,
             "steps": result.steps, "seed": seed})
         result.memorization, result.memorization_cached, result.report_dir = report.to_dict(), mem_cached, str(out)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _report_device(loaded: LoadedModel) -> torch.device:
-    """The nearest-neighbour products run on CUDA when the model does, else on the CPU (MPS: untested ops)."""
-    return loaded.device if loaded.device.type == "cuda" else torch.device("cpu")

@@ -72,6 +72,25 @@ def read_images(dataset: Dataset, batch_size: int = 256, num_workers: int = 2,
     return torch.cat(chunks)
 
 
+def reference_for_dataset(dataset: Dataset, img_size: int, device: torch.device | str | None = None,
+                          num_workers: int = 0) -> TrainingReference:
+    """The report's reference for a training dataset (data.build_dataset's), built once per run.
+
+    For the training loop: build it once, then at each evaluation ``check_samples(to_uint8(images), ref)``
+    gives ``.line()`` for the log and ``.metrics()`` for metrics.jsonl (a grid's few samples: well under
+    a second against 10k 64 px images on a CPU).
+    """
+    if len(dataset) < 2:
+        raise DataError(f"the training data holds {len(dataset)} image; the memorization report needs at least 2")
+    return build_reference(read_images(dataset, num_workers=num_workers), device=device,
+                           image=_full_size(dataset, img_size))
+
+
+def _full_size(dataset: Dataset, img_size: int) -> Callable[[int], torch.Tensor] | None:
+    """Training image i at full size for nearest.png, when the reference keeps smaller ones."""
+    return (lambda i: dataset[i]) if img_size > PIXEL_SIZE else None
+
+
 def dataset_files(dataset: Dataset) -> list[Path]:
     """The files a dataset reads: what the cache key is made of."""
     if isinstance(dataset, PackedDataset):
@@ -110,7 +129,7 @@ def load_reference(data_dir: str | Path, img_size: int, cache_dir: str | Path | 
     if len(dataset) < 2:
         raise DataError(f"--data {data_dir} holds {len(dataset)} image; the memorization report needs at least 2")
     images = read_images(dataset, num_workers=num_workers, on_progress=on_progress)
-    full = (lambda i: dataset[i]) if img_size > PIXEL_SIZE else None  # nearest.png shows them at full size
+    full = _full_size(dataset, img_size)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = cache / f"{cache_key(dataset_files(dataset), img_size)}.safetensors"
     if path.is_file():
@@ -135,6 +154,11 @@ def load_reference(data_dir: str | Path, img_size: int, cache_dir: str | Path | 
     except OSError:  # a read-only cache only costs the recomputation next time
         pass
     return ref, False
+
+
+def report_dir(checkpoint: Path, step: int) -> Path:
+    """Where evaluate writes nearest.png and memorization.json by default: RUN/evaluate/step_<N>."""
+    return Path(checkpoint).parent / "evaluate" / f"step_{step}"
 
 
 def nearest_grid(pairs: torch.Tensor, copies: list[bool], columns: int = 4) -> torch.Tensor:
