@@ -352,8 +352,8 @@ def evaluate(
     ``extractor`` defaults to torchmetrics' Inception-v3 (loaded first, so a missing weights file
     fails before any sampling); any module mapping uint8 (B, 3, H, W) to (B, F) works.
     ``memorization`` adds the nearest-training-image report (memorization.py), written into ``out_dir``
-    (default RUN/evaluate/step_<N>); with it, FID/KID that cannot be computed (no weights, no network) are
-    skipped with the reason in ``fid_skipped`` instead of failing. ``fid=False`` skips them on purpose.
+    (default RUN/evaluate/step_<N>); with it, FID/KID that cannot be computed (no weights and no network,
+    no torchmetrics) are skipped with the reason in ``fid_skipped`` instead of failing. ``fid=False`` skips them on purpose.
     """
     if not fid and not memorization:
         raise EvaluationError("--no-fid leaves nothing to evaluate: add --memorization")
@@ -365,7 +365,7 @@ def evaluate(
         try:
             extractor = load_inception(inception_weights)
         except EvaluationError as exc:
-            if not memorization:
+            if not memorization or inception_weights:  # a file the user named that fails is their error to fix
                 raise
             fid, skipped = False, str(exc)
     check = None

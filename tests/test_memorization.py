@@ -193,6 +193,23 @@ def test_raw_prepared_and_packed_folders_give_the_same_reference(tmp_path, tiny_
     assert other_size.pixels.shape == (64, 3, 8, 8)
 
 
+def test_large_images_are_compared_small_and_shown_full_size(tiny_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(mem, "PIXEL_SIZE", 8)  # as if the 16 px images were larger than PIXEL_SIZE
+    monkeypatch.setattr(mio, "PIXEL_SIZE", 8)
+    ref, _ = mio.load_reference(tiny_images, 16, cache_dir=tmp_path, num_workers=0)
+    assert ref.pixels.shape == (64, 3, 8, 8)
+    dataset, _ = mio.training_dataset(tiny_images, 16)
+    originals = torch.stack([dataset[i] for i in range(4)])
+    result = mem.check_samples(originals.flip(-1), ref, keep=4)
+    assert all(c["training_index"] == c["sample"] and c["mirrored"] for c in result.closest)
+    assert result.pairs.shape == (4, 2, 3, 16, 16)
+    for c, pair in zip(result.closest, result.pairs, strict=True):  # the training image at full size, mirrored as matched
+        assert torch.equal(pair[1], originals[c["training_index"]].flip(-1))
+    direct = mio.reference_for_dataset(dataset, 16)  # what the training loop builds once per run
+    torch.testing.assert_close(direct.features, ref.features)
+    assert torch.equal(direct.training_image(3), originals[3])
+
+
 def test_a_folder_with_one_image_is_one_clear_error(tmp_path):
     (tmp_path / "one").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "one" / "a.png")
@@ -283,6 +300,9 @@ def test_evaluate_with_weights_does_both(tiny_run, tiny_images, tmp_path, monkey
     assert "memorization: " in result.output and (tmp_path / "r" / "nearest.png").is_file()
 
 
-def test_no_fid_alone_is_a_user_error(tiny_run, tiny_images, tmp_path):
+def test_no_fid_alone_and_a_named_weights_file_that_fails_are_user_errors(tiny_run, tiny_images, tmp_path):
     result = runner.invoke(app, evaluate_args(tiny_run, tiny_images, tmp_path, "--no-fid"))
     assert_one_line_error(result, "--no-fid leaves nothing to evaluate: add --memorization")
+    named = runner.invoke(app, evaluate_args(tiny_run, tiny_images, tmp_path, "--memorization",
+                                             "--inception-weights", str(tmp_path / "none.pth")))
+    assert_one_line_error(named, "--inception-weights", "does not exist")  # named by the user: not skipped
