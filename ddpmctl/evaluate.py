@@ -1,4 +1,5 @@
-"""FID and KID of a checkpoint's samples against a folder of images (torchmetrics' implementations).
+"""FID and KID of a checkpoint's samples against a folder of images (torchmetrics' implementations), and the
+memorization report (memorization.py) on the same samples.
 
 The features of the reference folder are computed once and cached, keyed by its file list (paths,
 sizes, modification times), the image size and the feature extractor's weights. The generated images
@@ -29,6 +30,8 @@ from torch import nn
 from .errors import DataError, DdpmctlError
 from .files import atomic_path, sha256_file
 from .inference import LoadedModel, SampleProgress, iter_samples
+from .memorization import MemorizationCheck
+from .memorization_io import load_reference, report_dir, write_report
 from .sampling import to_uint8
 
 CACHE_FORMAT = 1
@@ -298,22 +301,26 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_s
 
 @dataclass
 class EvalResult:
-    fid: float
-    kid_mean: float
-    kid_std: float
-    kid_subset_size: int
     num_generated: int
-    num_reference: int
     checkpoint: str
     step: int
     ema: bool
     sampler: str
     steps: int | None
     seed: int
-    feature_extractor: str
-    reference_cache: str
-    reference_cached: bool
     seconds: float
+    fid: float | None = None  # FID and KID: None when skipped (fid_skipped says why)
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    kid_subset_size: int | None = None
+    num_reference: int | None = None
+    feature_extractor: str | None = None
+    reference_cache: str | None = None
+    reference_cached: bool | None = None
+    fid_skipped: str | None = None  # why FID/KID were not computed
+    memorization: dict | None = None  # memorization.MemorizationResult.to_dict(), with --memorization
+    memorization_cached: bool | None = None  # the training images' distances came from the cache
+    report_dir: str | None = None  # where nearest.png and memorization.json were written
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -333,30 +340,66 @@ def evaluate(
     cache_dir: str | Path | None = None,
     on_reference: Callable[[int, int], None] | None = None,
     on_sample: Callable[[SampleProgress], None] | None = None,
+    fid: bool = True,
+    memorization: bool = False,
+    out_dir: str | Path | None = None,
+    on_training: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Generate ``num`` images from ``loaded`` and score them against ``data_dir`` (FID, KID).
 
     ``extractor`` defaults to torchmetrics' Inception-v3 (loaded first, so a missing weights file
     fails before any sampling); any module mapping uint8 (B, 3, H, W) to (B, F) works.
+    ``memorization`` adds the nearest-training-image report (memorization.py), written into ``out_dir``
+    (default RUN/evaluate/step_<N>); with it, FID/KID that cannot be computed (no weights and no network,
+    no torchmetrics) are skipped with the reason in ``fid_skipped`` instead of failing. ``fid=False`` skips them on purpose.
     """
-    if num < 2:
+    if not fid and not memorization:
+        raise EvaluationError("--no-fid leaves nothing to evaluate: add --memorization")
+    if fid and num < 2:
         raise EvaluationError("--num must be at least 2 for FID and KID")
     started = time.perf_counter()
-    if extractor is None:
-        extractor = load_inception(inception_weights)
-    extractor = extractor.to(loaded.device).eval()
-    ident = extractor_id(extractor)
-    ref = reference_features(data_dir, loaded.config.model.img_size, extractor, loaded.device,
-                             batch_size=batch_size, cache_dir=cache_dir, on_progress=on_reference, extractor_key=ident)
-    chunks = []
+    skipped = None if fid else "--no-fid"
+    if fid and extractor is None:
+        try:
+            extractor = load_inception(inception_weights)
+        except EvaluationError as exc:
+            if not memorization or inception_weights:  # a file the user named that fails is their error to fix
+                raise
+            fid, skipped = False, str(exc)
+    check = None
+    if memorization:  # before the FID reference: a problem with the data shows before any long work
+        dev = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")  # MPS: ops untested there
+        mem_ref, mem_cached = load_reference(data_dir, loaded.config.model.img_size, cache_dir=cache_dir,
+                                             device=dev, on_progress=on_training)
+        check = MemorizationCheck(mem_ref, device=dev)
+    ref = ident = None
+    if fid:
+        extractor = extractor.to(loaded.device).eval()
+        ident = extractor_id(extractor)
+        ref = reference_features(data_dir, loaded.config.model.img_size, extractor, loaded.device,
+                                 batch_size=batch_size, cache_dir=cache_dir, on_progress=on_reference,
+                                 extractor_key=ident)
+    chunks, generated = [], 0
     for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample):
-        chunks.append(featurise(extractor, to_uint8(batch.images), loaded.device))
-    fake = torch.cat(chunks)
-    scores = fid_kid(ref.features, fake, seed=seed)
-    return EvalResult(
-        fid=scores["fid"], kid_mean=scores["kid_mean"], kid_std=scores["kid_std"],
-        kid_subset_size=scores["kid_subset_size"], num_generated=fake.shape[0], num_reference=ref.features.shape[0],
-        checkpoint=str(loaded.checkpoint), step=loaded.step, ema=loaded.ema, sampler=sampler,
-        steps=None if sampler == "ddpm" else steps, seed=seed, feature_extractor=ident,
-        reference_cache=str(ref.path), reference_cached=ref.cached, seconds=time.perf_counter() - started,
-    )
+        pixels = to_uint8(batch.images)  # what the PNGs of `ddpmctl sample` hold
+        generated += pixels.shape[0]
+        if fid:
+            chunks.append(featurise(extractor, pixels, loaded.device))
+        if check is not None:
+            check.add(pixels)
+    result = EvalResult(num_generated=generated, checkpoint=str(loaded.checkpoint), step=loaded.step, ema=loaded.ema,
+                        sampler=sampler, steps=None if sampler == "ddpm" else steps, seed=seed, seconds=0.0,
+                        fid_skipped=skipped)
+    if fid and ref is not None:
+        scores = fid_kid(ref.features, torch.cat(chunks), seed=seed)
+        result.fid, result.kid_mean, result.kid_std = scores["fid"], scores["kid_mean"], scores["kid_std"]
+        result.kid_subset_size, result.num_reference = scores["kid_subset_size"], ref.features.shape[0]
+        result.feature_extractor, result.reference_cache, result.reference_cached = ident, str(ref.path), ref.cached
+    if check is not None:
+        report = check.result()
+        out = write_report(report, out_dir or report_dir(loaded.checkpoint, loaded.step), extra={
+            "checkpoint": result.checkpoint, "step": result.step, "ema": result.ema, "sampler": sampler,
+            "steps": result.steps, "seed": seed})
+        result.memorization, result.memorization_cached, result.report_dir = report.to_dict(), mem_cached, str(out)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,4 +1,5 @@
-"""``ddpmctl evaluate``: sample N images from a checkpoint and report FID and KID against a folder."""
+"""``ddpmctl evaluate``: sample N images from a checkpoint and report FID and KID against a folder, and with
+``--memorization`` how near the samples come to the training images (nearest.png)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..evaluate import EvaluationError, default_inception_path, evaluate
+from ..evaluate import EvalResult, EvaluationError, default_inception_path, evaluate
 from ..inference import SampleProgress, load_model
+from ..memorization import DEFAULT_QUANTILE, RATIO
 from .common import console, err_console, handle_errors
 from .options import DeviceOpt, PrecisionOpt, SamplerOpt, plain_help
 from .sample import (
@@ -34,7 +36,8 @@ from .sample import (
 @handle_errors
 def evaluate_cmd(
     checkpoint: CheckpointOpt,
-    data: Annotated[Path, typer.Option("--data", help="folder of reference images (e.g. the training set)")],
+    data: Annotated[Path, typer.Option("--data", help="folder of reference images (e.g. the training set; with "
+                                                      "--memorization the training set, raw or prepared)")],
     num: Annotated[int, typer.Option("--num", min=2, help="images to generate (FID is usually reported at 50000)")] = 10000,
     sampler: SamplerOpt = "ddim",
     steps: StepsOpt = None,
@@ -48,13 +51,22 @@ def evaluate_cmd(
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", help=plain_help("where reference features are cached "
                                        "[default: ~/.cache/ddpmctl/reference-features]"))] = None,
+    memorization: Annotated[bool, typer.Option(
+        "--memorization", help="also find each sample's nearest training image (pixels and an offline descriptor, "
+                               "mirror images included): the share of likely copies, and nearest.png (works offline)")] = False,
+    no_fid: Annotated[bool, typer.Option("--no-fid", help="skip FID and KID (with --memorization)")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help=plain_help("with --memorization: folder for nearest.png and memorization.json "
+                                 "[default: RUN/evaluate/step_N]"))] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     cuda_graph: CudaGraphOpt = True,
 ) -> None:
-    """Generate --num images and report FID and KID against the images in --data."""
+    """Generate --num images and report FID and KID against the images in --data (--memorization: likely copies)."""
     steps = check_sampler_options(sampler, steps, precision)
+    if no_fid and not memorization:
+        raise EvaluationError("--no-fid leaves nothing to evaluate: add --memorization")
     if not data.is_dir():
         raise EvaluationError(f"--data {data} is not a folder of images")
     loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile,
@@ -63,21 +75,29 @@ def evaluate_cmd(
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:
         show.print(f"[yellow]note:[/] {note}", highlight=False)
-    if inception_weights is None and not default_inception_path().is_file():
+    if not no_fid and inception_weights is None and not default_inception_path().is_file():
         show.print(f"downloading the Inception weights (first use, about 92 MB) into {default_inception_path()}",
                    highlight=False)
     show.print(f"evaluating {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}): "
                f"{num} samples against {data}", highlight=False)
     with contextlib.ExitStack() as stack:
         # disable: not on a terminal the transient bar shows nothing, yet rich would end it with a blank line.
-        ref_bar = stack.enter_context(Progress(TextColumn("reference features"), BarColumn(), MofNCompleteColumn(),
+        ref_bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                                TimeRemainingColumn(), console=show, transient=True,
                                                disable=not show.is_interactive))
-        ref_task = ref_bar.add_task("reference", total=None)
+        tasks: dict[str, int] = {}
         sample_bar: list[Callable[[SampleProgress], None]] = []
 
+        def bar(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = ref_bar.add_task(name, total=total)
+            ref_bar.update(tasks[name], completed=done, total=total)
+
         def on_reference(done: int, total: int) -> None:
-            ref_bar.update(ref_task, completed=done, total=total)
+            bar("reference features", done, total)
+
+        def on_training(done: int, total: int) -> None:
+            bar("training images", done, total)
 
         def on_sample(p: SampleProgress) -> None:
             if not sample_bar:  # the reference features are done (or came from the cache)
@@ -87,13 +107,49 @@ def evaluate_cmd(
 
         result = evaluate(loaded, data, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
                           batch_size=batch_size, inception_weights=inception_weights, cache_dir=cache_dir,
-                          on_reference=on_reference, on_sample=on_sample)
+                          on_reference=on_reference, on_sample=on_sample, fid=not no_fid, memorization=memorization,
+                          out_dir=out, on_training=on_training)
     if json_out:
+        if result.fid_skipped and result.fid_skipped != "--no-fid":
+            err_console.print(f"FID/KID skipped: {result.fid_skipped}", highlight=False)
         typer.echo(json.dumps(result.to_dict()))
         return
-    ref = "cached" if result.reference_cached else "computed now, cached"
-    console.print(f"FID  {result.fid:.3f}   ({result.num_generated} generated vs {result.num_reference} reference images)",
-                  highlight=False)
-    console.print(f"KID  {result.kid_mean:.5f} ± {result.kid_std:.5f}   (subsets of {result.kid_subset_size})",
-                  highlight=False)
-    console.print(f"reference features: {ref} in {result.reference_cache}; {result.seconds:.0f} s in all", highlight=False)
+    if result.fid is not None:
+        ref = "cached" if result.reference_cached else "computed now, cached"
+        console.print(f"FID  {result.fid:.3f}   ({result.num_generated} generated vs {result.num_reference} reference "
+                      "images)", highlight=False)
+        console.print(f"KID  {result.kid_mean:.5f} ± {result.kid_std:.5f}   (subsets of {result.kid_subset_size})",
+                      highlight=False)
+        console.print(f"reference features: {ref} in {result.reference_cache}", highlight=False)
+    elif result.fid_skipped == "--no-fid":
+        console.print("FID/KID skipped (--no-fid)", highlight=False)
+    else:
+        console.print(f"FID/KID skipped: {result.fid_skipped}", highlight=False, soft_wrap=True)
+    if result.memorization is not None:
+        show_memorization(result)
+    console.print(f"{result.seconds:.0f} s in all", highlight=False)
+
+
+def show_memorization(result: EvalResult) -> None:
+    """The memorization report in a few lines (memorization.json in the report folder holds everything)."""
+    m = result.memorization
+    px, ft = m["pixel"], m["features"]
+    near = 100 * (1 - DEFAULT_QUANTILE)
+    console.print(f"memorization: {100 * m['copy_share']:.1f}% of {m['num_samples']} samples are likely copies (a model "
+                  f"that copies nothing: about {100 * m['real_share']:.1f}%)", highlight=False, soft_wrap=True)
+    if m["copying"]:
+        console.print("  [yellow]the model copies training images:[/] see nearest.png; more images, an earlier "
+                      "checkpoint or fewer training steps help", highlight=False, soft_wrap=True)
+    console.print(f"  likely copy: nearer a training image (or its mirror image) than {near:.0f}% of the "
+                  f"{m['num_training']} training images are to theirs, in pixels or features", highlight=False, soft_wrap=True)
+    console.print(f"  pixels:   nearest training image at RMS {px['median']:.1f} of 255 (median; training images to "
+                  f"theirs: {px['real_median']:.1f}), {100 * px['share']:.1f}% under the threshold {px['threshold']:.1f}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"  features: nearest at {ft['median']:.3f} (training images: {ft['real_median']:.3f}), "
+                  f"{100 * ft['share']:.1f}% under the threshold {ft['threshold']:.3f}", highlight=False, soft_wrap=True)
+    console.print(f"  ratio test (nearest < {RATIO:.2f} x second nearest, Yoon et al. 2023): {100 * px['ratio_share']:.1f}% "
+                  f"of samples in pixels, {100 * ft['ratio_share']:.1f}% in features (training images: "
+                  f"{100 * px['real_ratio_share']:.1f}%, {100 * ft['real_ratio_share']:.1f}%)", highlight=False, soft_wrap=True)
+    where = m["nearest_png"] or result.report_dir
+    console.print(f"  nearest.png: the {len(m['closest'])} closest samples beside their training image, closest first "
+                  f"(red frame: likely copy): {where}", highlight=False, soft_wrap=True)
