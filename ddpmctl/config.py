@@ -109,6 +109,7 @@ class SamplingConfig:
 class LoggingConfig:
     num_keep_checkpoints: int = 1  # number of recent checkpoints to keep
     log_interval: int = 10  # optimizer steps between loss read-backs (each one waits for the device)
+    memorization_check: bool = True  # a line at each evaluation: are the grid's samples copies of training images?
     use_wandb: bool = False  # log to Weights & Biases (pip install 'ddpmctl[wandb]')
     wandb_project: str = "ddpmctl"  # Weights & Biases project name
 
@@ -376,15 +377,6 @@ def resolve_for_resume(config_file: str | Path | None, overrides: dict[str, Any]
     if not cfg.training.resume_from_checkpoint:
         cfg = apply_overrides(cfg, {"resume_from_checkpoint": "latest"})
     return cfg
-
-
-# A run started --init-from trained weights fine-tunes them: defaults a --config file or an option still overrides.
-FINE_TUNING_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 200}
-
-
-def fine_tuning_base() -> Config:
-    """The built-in defaults with FINE_TUNING_DEFAULTS laid over them (the base of an --init-from run)."""
-    return apply_overrides(Config(), FINE_TUNING_DEFAULTS)
 
 
 def absolute_path(path: str | None) -> str | None:

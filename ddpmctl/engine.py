@@ -29,12 +29,14 @@ from .files import missing_folders, remove_empty_folders, write_text_atomic
 from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
 from .layout import LOSS_PLOT, METRICS, RUN_CONFIG, grid_name
+from .memorization import check_samples
+from .memorization_io import reference_for_dataset
 from .parts import build_parts
 from .pretrained import fine_tuning_config, load_pretrained
 from .run_state import RunState, resume_point
 from .runlock import RunLock
 from .runtime import DistInfo, barrier, configure_backends, init_distributed, resolve_precision, select_device
-from .sampling import progression_grid, sample, sampling_network, save_png
+from .sampling import progression_grid, sample, sampling_network, save_png, to_uint8
 from .step import StepResult
 from .validation import check_attention_resolutions
 
@@ -155,6 +157,7 @@ class Trainer:
             self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
+        self.dataset, self.copies_reference = dataset, None  # the memorization check's, built at the first grid
         self.parts = build_parts(cfg, self.device, self.precision, self.dist, weights)
         # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
         # and freezes, so take what there is.
@@ -317,6 +320,11 @@ class Trainer:
             self.emit(Note(f"could not write {path}: {exc.strerror or exc}; training goes on without this grid"))
             return
         self.emit(GridSaved(step, str(path)))
+        if self.cfg.logging.memorization_check:
+            if self.copies_reference is None:  # reads the training images once, at the first evaluation
+                self.copies_reference = reference_for_dataset(self.dataset, self.cfg.model.img_size)
+            copies = check_samples(to_uint8(result.images), self.copies_reference)
+            self.emit(Note(f"step {step}, memorization of the grid's samples: {copies.line()}"))
         plots.loss_curve(run_dir / METRICS, run_dir / LOSS_PLOT)
         if self.wandb is not None:
             self.wandb.log({"grid": self.wandb.Image(str(path))}, step=step)

@@ -28,3 +28,7 @@ class TrainingStopped(DdpmctlError):
 
 class DdpmctlWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI shows it as one ``warning:`` line)."""
+
+
+class EvaluationError(DdpmctlError):
+    """FID/KID cannot be computed (missing extractor weights or packages, too few images)."""

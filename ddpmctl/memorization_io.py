@@ -61,8 +61,10 @@ def read_images(dataset: Dataset, batch_size: int = 256, num_workers: int = 2,
     """Every image of ``dataset`` as uint8 (M, 3, s, s), s = min(S, PIXEL_SIZE), downsampled batch by batch."""
     if getattr(dataset, "in_process", False):
         num_workers = 0  # a memory-mapped pack: nothing to decode
+    # A private generator: the loader would draw its base seed from the global RNG, which training's exact
+    # resume depends on (the memorization check runs between steps).
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        collate_fn=getattr(dataset, "collate_fn", None))
+                        collate_fn=getattr(dataset, "collate_fn", None), generator=torch.Generator())
     chunks, done = [], 0
     for batch in loader:
         chunks.append(pixel_view(batch))

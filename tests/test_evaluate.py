@@ -16,11 +16,13 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 import ddpmctl.evaluate as ev
+import ddpmctl.inception as inc
 from ddpmctl.checkpoints import sha256_file
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
 from ddpmctl.data import ImageFolderDataset
 from ddpmctl.engine import train
+from ddpmctl.errors import EvaluationError
 from ddpmctl.inference import iter_samples, load_model
 from ddpmctl.sampling import to_uint8
 
@@ -180,8 +182,8 @@ def test_evaluate_user_errors(tiny_run, tmp_path):
 
 
 def test_the_inception_file_name_carries_its_hash_prefix():
-    assert ev.inception_hash_prefix() == "6726825d"
-    assert ev.inception_hash_prefix("https://example.org/weights.pth") is None
+    assert inc.inception_hash_prefix() == "6726825d"
+    assert inc.inception_hash_prefix("https://example.org/weights.pth") is None
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,7 @@ def inception_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 def test_inception_is_downloaded_with_its_hash_and_never_unpickled_unsafely(inception_file, tmp_path, monkeypatch):
     source, prefix = inception_file
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: prefix)
+    monkeypatch.setattr(inc, "inception_hash_prefix", lambda url=None: prefix)
     downloads = []
 
     def fake_download(url, dst, hash_prefix=None, progress=True):
@@ -217,11 +219,11 @@ def test_inception_is_downloaded_with_its_hash_and_never_unpickled_unsafely(ince
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     monkeypatch.setattr(torch, "load", checked_load)
-    net = ev.load_inception()
-    assert downloads == [(ev.inception_url(), prefix)] and ev.default_inception_path().is_file()
+    net = inc.load_inception()
+    assert downloads == [(inc.inception_url(), prefix)] and inc.default_inception_path().is_file()
     expected = real_load(source, weights_only=True)
     torch.testing.assert_close(net.state_dict()["fc.weight"], expected["fc.weight"])
-    ev.load_inception()  # the second time from the cache, verified again
+    inc.load_inception()  # the second time from the cache, verified again
     assert len(downloads) == 1 and loads == [True, True]  # torch-fidelity itself never loaded anything
 
 
@@ -234,9 +236,9 @@ def test_a_cached_file_with_pickled_objects_is_refused_not_run(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "weights.pth"
     torch.save({"fc.weight": torch.zeros(1), "x": _Payload()}, bad)
-    monkeypatch.setattr(ev, "inception_hash_prefix", lambda url=None: sha256_file(bad)[:8])
-    with pytest.raises(ev.EvaluationError, match="is not the Inception weights file"):
-        ev.load_inception(bad)
+    monkeypatch.setattr(inc, "inception_hash_prefix", lambda url=None: sha256_file(bad)[:8])
+    with pytest.raises(EvaluationError, match="is not the Inception weights file"):
+        inc.load_inception(bad)
     assert not (tmp_path / "PWNED_MARKER_DIR").exists()
 
 
@@ -244,8 +246,8 @@ def test_a_file_with_the_wrong_hash_is_refused_before_loading(tmp_path, monkeypa
     wrong = tmp_path / "weights.pth"
     torch.save({"fc.weight": torch.zeros(1)}, wrong)
     monkeypatch.setattr(torch, "load", lambda *_a, **_k: pytest.fail("loaded a file with the wrong hash"))
-    with pytest.raises(ev.EvaluationError, match="SHA-256 does not start with 6726825d"):
-        ev.load_inception(wrong)
+    with pytest.raises(EvaluationError, match="SHA-256 does not start with 6726825d"):
+        inc.load_inception(wrong)
 
 
 def test_a_wrong_file_passed_as_inception_weights_is_not_called_a_damaged_download(tiny_run, tiny_images, tmp_path):
@@ -254,15 +256,15 @@ def test_a_wrong_file_passed_as_inception_weights_is_not_called_a_damaged_downlo
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tiny_run), "--data", str(tiny_images), "--num", "4",
                                  "--inception-weights", str(theirs), "--device", "cpu"])
     assert_one_line_error(result, f"Error: --inception-weights {theirs} is not the Inception weights file (its SHA-256 "
-                                  f"does not start with 6726825d); pass the file downloaded from {ev.inception_url()}, "
+                                  f"does not start with 6726825d); pass the file downloaded from {inc.inception_url()}, "
                                   "or leave out --inception-weights to download it")
     assert "delete" not in result.output
 
 
 def test_a_wrong_file_in_the_download_cache_is_to_be_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    cached = ev.default_inception_path()
+    cached = inc.default_inception_path()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"half a download")
-    with pytest.raises(ev.EvaluationError, match=f"^{cached} is not the Inception weights file .*; delete it and download"):
-        ev.load_inception()
+    with pytest.raises(EvaluationError, match=f"^{cached} is not the Inception weights file .*; delete it and download"):
+        inc.load_inception()

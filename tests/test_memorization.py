@@ -306,3 +306,16 @@ def test_no_fid_alone_and_a_named_weights_file_that_fails_are_user_errors(tiny_r
     named = runner.invoke(app, evaluate_args(tiny_run, tiny_images, tmp_path, "--memorization",
                                              "--inception-weights", str(tmp_path / "none.pth")))
     assert_one_line_error(named, "--inception-weights", "does not exist")  # named by the user: not skipped
+
+
+def test_the_training_loops_check_leaves_the_global_rng_alone(tiny_images):
+    """It runs between training steps: drawing from the global RNG would break exact resume."""
+    from ddpmctl.data import build_dataset
+    from ddpmctl.memorization import check_samples
+    from ddpmctl.memorization_io import reference_for_dataset
+
+    dataset, _ = build_dataset(tiny_images, 16)
+    before = torch.get_rng_state()
+    ref = reference_for_dataset(dataset, 16)
+    check_samples(torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator()), ref)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
-from ddpmctl.engine import StepStats, TrainFinished, TrainStarted, train
+from ddpmctl.engine import Note, StepStats, TrainFinished, TrainStarted, train
 
 runner = CliRunner()
 
@@ -30,6 +30,8 @@ def test_loss_falls_on_demo_shapes(tmp_path, tiny_images):
     assert max(losses[-2:]) < 0.6 * losses[0], losses  # the model learns to predict the noise
     assert isinstance(events[0], TrainStarted) and isinstance(events[-1], TrainFinished)
     assert result.step == 80 and result.checkpoint.endswith("checkpoint_80")
+    copies = [e.text for e in events if isinstance(e, Note) and "memorization" in e.text]
+    assert len(copies) == 1 and copies[0].startswith("step 80, memorization of the grid's samples: likely copies ")
 
 
 def test_cli_run_writes_the_contracted_layout(tmp_path, tiny_images):

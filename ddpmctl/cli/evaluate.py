@@ -12,11 +12,13 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..evaluate import EvalResult, EvaluationError, default_inception_path, evaluate
+from ..errors import EvaluationError
+from ..evaluate import EvalResult, evaluate
+from ..inception import default_inception_path
 from ..inference import SampleProgress, load_model
 from ..memorization import DEFAULT_QUANTILE, RATIO
 from .common import console, err_console, handle_errors
-from .options import DeviceOpt, PrecisionOpt, SamplerOpt, plain_help
+from .options import DeviceOpt, MaybeSamplerOpt, PrecisionOpt, plain_help
 from .sample import (
     BatchSizeOpt,
     CheckpointOpt,
@@ -28,6 +30,7 @@ from .sample import (
     StepsOpt,
     check_sampler_options,
     check_steps,
+    default_sampler,
     describe,
     sampling_progress,
 )
@@ -39,7 +42,7 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Option("--data", help="folder of reference images (e.g. the training set; with "
                                                       "--memorization the training set, raw or prepared)")],
     num: Annotated[int, typer.Option("--num", min=2, help="images to generate (FID is usually reported at 50000)")] = 10000,
-    sampler: SamplerOpt = "ddim",
+    sampler: MaybeSamplerOpt = None,
     steps: StepsOpt = None,
     eta: EtaOpt = 0.0,
     seed: SeedOpt = 0,
@@ -71,6 +74,7 @@ def evaluate_cmd(
         raise EvaluationError(f"--data {data} is not a folder of images")
     loaded = load_model(checkpoint, device=device, use_ema=not no_ema, precision=precision, compile=compile,
                         cuda_graph=cuda_graph)
+    sampler, steps = default_sampler(loaded, sampler, steps)
     steps = check_steps(steps, loaded, sampler)
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:
