@@ -19,10 +19,11 @@ its 128 pooled penultimate features are the feature space of FD.
 **The scores** (lower is better except confidence): ``fd`` (Fréchet distance to ``ref`` in the judge's
 features), ``confidence`` (mean top softmax probability of the judge; at most ~0.91, as the judge is
 trained with label smoothing 0.1), ``coverage_tv`` (total-variation distance between the predicted-label
-histograms of the samples and of ``ref``), ``memorization`` (share of samples nearer to a training image,
-in pixels, than 95% of held-out images are; ``ddpmctl.memorization``). Beside each: the **floor**, the
-same score for N ``val`` images (what a perfect generator gets at this N, sampling noise included), and
-the **ceiling**, for N images of smooth colour noise (a generator that learnt nothing). FD depends on N:
+histograms of the samples and of ``ref``), ``memorization`` (share of samples nearer to a training image
+than 95% of held-out images are, in pixels and in the judge's features both; ``ddpmctl.memorization``).
+Beside each: the **floor**, the same score for N ``val`` images (what a perfect generator gets at this N,
+sampling noise included), and the **ceiling**, for N images of smooth colour noise (a generator that
+learnt nothing). FD depends on N:
 compare runs at the same ``--num``, and only between runs whose judge digest (in the JSON) is equal.
 
 **Recipes** are named sets of ddpmctl options laid over ``configs/demo_cpu.yaml`` (model, batch, EMA,
@@ -276,6 +277,8 @@ def run(args: argparse.Namespace) -> dict:
     """The whole benchmark for parsed ``args``; returns the JSON summary."""
     times: dict[str, float] = {}
     load_before = os.getloadavg()[0]
+    log(f"machine: {os.cpu_count()} cores, load average {load_before:.1f}, torch threads {torch.get_num_threads()} "
+        "(other work on the cores skews --minutes budgets and every timing)")
     sizes = {"train": args.train_images, "ref": args.heldout_images, "val": args.heldout_images}
     data = args.out / quality_data.folder_name(args.data_seed, sizes)
     p = plan(args, data) if args.score_only is None else None  # refuse bad options before minutes of work
