@@ -23,7 +23,7 @@ histograms of the samples and of ``ref``), ``memorization`` (share of samples ne
 than 95% of held-out images are, in pixels and in the judge's features both; ``ddpmctl.memorization``).
 Beside each: the **floor**, the same score for N ``val`` images (what a perfect generator gets at this N,
 sampling noise included), and the **ceiling**, for N images of smooth colour noise (a generator that
-learnt nothing). FD depends on N:
+learnt nothing; white-noise-like samples of a barely trained model can score worse than it). FD depends on N:
 compare runs at the same ``--num``, and only between runs whose judge digest (in the JSON) is equal.
 
 **Recipes** are named sets of ddpmctl options laid over ``configs/demo_cpu.yaml`` (model, batch, EMA,
