@@ -42,6 +42,7 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_low_precision_norms(model, low_precision_norms(device))
+    model.gradient_checkpointing = t.gradient_checkpointing  # the EMA copy samples without gradients: never used there
     ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
     optimizer = make_optimizer(model.parameters(), t.learning_rate, t.weight_decay, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.num_training_steps)
@@ -51,7 +52,8 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
     ddp, grad_sync = None, None
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist_info is not None and dist_info.enabled:
-        graph_possible = t.cuda_graph and graph_blocker(device, precision, t.gradient_accumulation_steps, False) is None
+        graph_possible = t.cuda_graph and graph_blocker(device, precision, t.gradient_accumulation_steps, False,
+                                                        t.gradient_checkpointing) is None
         if graph_possible and GradSync.supports(trainable):
             # A replayed graph beats DDP's overlap of communication and backward (docs/performance.md):
             # all-reduce after each replay instead.
@@ -66,6 +68,7 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
         model, train_model, schedule, precision, optimizer, scheduler, device, ema=ema,
         loss_fn=cfg.diffusion.loss_fn, random_flip=cfg.data.random_flip, channels_last=channels_last,
         accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=ddp, grad_sync=grad_sync,
-        cuda_graph=t.cuda_graph, graph_batch=t.batch_size,
+        cuda_graph=t.cuda_graph, graph_batch=t.batch_size, checkpointing=t.gradient_checkpointing,
+        fixed_shape=device.type == "mps",
     )
     return Parts(model, ema, optimizer, scheduler, schedule, step)
