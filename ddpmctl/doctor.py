@@ -261,7 +261,7 @@ def checkpointing_advice(cfg: Config, probe_result: Probe, target_effective: int
         speeds = f" ({rec.images_per_sec:,.1f} img/s measured with it, {probe_result.images_per_sec:,.1f} without)"
     fits = f"only {plain} image(s) fit per step" if plain else "not even batch 1 fits"
     return rec, (f"{fits} without checkpointing, below the effective batch {target_effective}: with "
-                 f"--gradient-checkpointing {ckpt} fit{speeds}: {rec.command}")
+                 f"--gradient-checkpointing {ckpt} fit{speeds}")
 
 
 # ----------------------------------------------------------------------------- all of it
