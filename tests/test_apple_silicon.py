@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from ddpmctl import host, runtime, sampling
@@ -157,3 +158,15 @@ def test_loader_workers_started_by_spawn_give_the_same_batches(tiny_images: Path
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1], strict=True))
     assert state == {"epoch": 1, "position": 24, "seed": 3}
 
+
+
+def test_torchrun_on_a_mac_is_one_clear_error(monkeypatch):
+    """torch.distributed has no MPS backend (gloo cannot all-reduce MPS tensors, NCCL needs CUDA)."""
+    from ddpmctl.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("auto", "mps"):
+        with pytest.raises(ConfigError, match="torchrun needs CUDA GPUs or --device cpu"):
+            runtime.init_distributed(device)
