@@ -105,8 +105,8 @@ def main() -> None:
     malloc = "" if args.device == "cuda" else (", glibc defaults" if args.malloc_defaults else
                                                f", MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}")
     print(f"{Path(args.config).name}: {off['parameters'] / 1e6:.1f}M parameters, batch {args.batch_size}, "
-          f"{args.precision}, {args.device} ({platform.machine()}, {cpu_cores()} cores, {args.threads or torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}{malloc})")
+          f"{args.precision}, {args.device} ({platform.machine()}, {cpu_cores()} cores, "
+          f"{args.threads or torch.get_num_threads()} threads, torch {torch.__version__}{malloc})")
     whole = "max_memory_allocated" if args.device == "cuda" else "process peak RSS"
     for name, r in (("without checkpointing", off), ("with checkpointing", on)):
         print(f"  {name:<22} training memory {r['training_bytes'] / 2**20:7,.0f} MiB ({whole} "
