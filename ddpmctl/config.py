@@ -89,6 +89,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model: a minute to compile, then faster on CUDA, not CPUs (docs/performance.md)
     channels_last: bool = False  # channels-last memory format on CUDA (off by default: NCHW trained faster, docs/performance.md)
     cuda_graph: bool = True  # CUDA: replay each step as one captured CUDA graph (bf16/fp32, no accumulation; torchrun too)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time, same gradients
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     resume_from_checkpoint: str | None = None  # checkpoint_<step> or latest: continue the run from it
     init_from: str | None = None  # start a new run from trained weights: a diffusers folder, a run or checkpoint, an export

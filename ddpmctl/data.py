@@ -257,7 +257,7 @@ class BatchStream:
     """Endless iterator over batches that tracks (epoch, samples taken in the epoch) for exact resume."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, multiprocessing_context: str | None = None):
         self.sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
         if getattr(dataset, "in_process", False):  # nothing to decode: worker processes would only add copies
             num_workers = 0
@@ -269,6 +269,9 @@ class BatchStream:
             pin_memory=pin_memory, drop_last=False, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_worker_ignores_ctrl_c if num_workers > 0 else None,
+            # None: the platform's start method, spawn on macOS (each worker imports ddpmctl and unpickles the
+            # dataset, once per run: the workers persist across epochs). Tests pass "spawn" to check that on Linux.
+            multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
         )
         self.epoch = 0
         self.position = 0  # samples of this rank's share of the epoch already returned

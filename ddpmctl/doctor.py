@@ -12,7 +12,10 @@ This module orchestrates; none of it prints:
   batch that fits and its speed: measured, or (quick mode) extrapolated (:func:`~ddpmctl.memfit.extrapolate`) from the
   measured cell through each model's activation size and FLOPs counted on the ``meta`` device
   (:func:`~ddpmctl.cost.model_cost`, in ``cost.py``); then one recommended
-  ``--batch-size B --gradient-accumulation-steps A`` (:func:`recommendation`).
+  ``--batch-size B --gradient-accumulation-steps A`` (:func:`recommendation`). Each cell, and the probe, has
+  a second answer for ``--gradient-checkpointing``, suggested when the plain batch is below the effective
+  one (:func:`checkpointing_advice`).
+* the report's dataclasses live in ``doctor_report.py``.
 
 :func:`run_doctor` ties them together into a :class:`DoctorReport` (``dataclasses.asdict`` gives the JSON).
 """
@@ -30,15 +33,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import Config, apply_overrides, to_dict
 from .cost import ModelCost, model_cost
+from .doctor_report import Cell, DoctorReport, Point, Probe, Recommendation
 from .errors import ConfigError
-from .machine import Check, Environment, child_env, environment
+from .machine import Check, child_env, environment
 from .memfit import BYTES_PER_PARAMETER, Fit, extrapolate, fit_line, limit_by_oom, recommend
 from .runtime import select_device
 
@@ -48,81 +52,6 @@ DEFAULT_CHANNELS = (64, 96, 128)
 # With one measured point only, the slope is the model's saved activations per image times this prior
 # (peak memory during backward holds the activations plus gradients of the largest ones).
 ONE_POINT_SLOPE_PRIOR = 1.5
-
-
-# ----------------------------------------------------------------------------- the report, as data
-
-
-@dataclass
-class Point:
-    phase: str  # fit, verify or bisect
-    batch: int
-    oom: bool
-    peak_bytes: int | None
-    seconds: float | None  # per step
-    images_per_sec: float | None
-    error: str | None = None
-
-
-@dataclass
-class Probe:
-    img_size: int
-    starting_channels: int
-    backend: str
-    device: str
-    precision: str
-    precision_note: str | None
-    parameters: int
-    budget_bytes: int
-    headroom: float
-    points: list[Point]
-    fit: Fit | None
-    max_batch: int | None  # largest batch that fits with headroom (None: no usable measurement)
-    images_per_sec: float | None  # measured, at images_per_sec_batch
-    images_per_sec_batch: int | None
-    largest_batch_bisected: int | None  # --full on an accelerator: the real largest batch (first OOM - 1)
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Cell:
-    img_size: int
-    starting_channels: int
-    parameters: int
-    max_batch: int | None
-    images_per_sec: float | None
-    measured: bool
-    source: str  # "measured" or what it was extrapolated from
-
-
-@dataclass
-class Recommendation:
-    batch_size: int
-    gradient_accumulation_steps: int
-    effective_batch: int
-    images_per_sec: float | None
-    num_training_steps: int
-    estimated_seconds: float | None  # num_training_steps * effective batch / images per second
-    command: str
-
-
-@dataclass
-class DoctorReport:
-    schema: int
-    mode: str  # quick or full
-    seconds: float
-    environment: Environment
-    probe: Probe | None
-    table: list[Cell]
-    img_sizes: list[int]
-    channels: list[int]
-    recommendation: Recommendation | None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- the child process
@@ -194,17 +123,18 @@ class ProbePlan:
     bisect: bool
     max_fraction: float = 0.5  # stop growing the batch once the peak passes this fraction of the budget
     verify_cap: int | None = None  # the CPU verifies (and times) at most the effective batch, not its RAM limit
+    checkpointing_s: float = 0.0  # extra seconds to measure the --gradient-checkpointing step (0: not measured)
 
 
 def plan_for(mode: str, backend: str, effective_batch: int = 64) -> ProbePlan:
     accelerator = backend in ("cuda", "mps")
     cap = None if accelerator else effective_batch
     if mode == "quick":
-        return ProbePlan(deadline_s=32, timeout_s=50, max_points=5 if accelerator else 3, verify=True, bisect=False,
-                         verify_cap=cap)
+        return ProbePlan(deadline_s=32, timeout_s=65, max_points=5 if accelerator else 3, verify=True, bisect=False,
+                         verify_cap=cap, checkpointing_s=15)
     # --full on an accelerator also bisects to the first out-of-memory batch; never on the CPU (it would swap).
-    return ProbePlan(deadline_s=240, timeout_s=300, max_points=7 if accelerator else 4, verify=True,
-                     bisect=accelerator, verify_cap=cap)
+    return ProbePlan(deadline_s=240, timeout_s=360, max_points=7 if accelerator else 4, verify=True,
+                     bisect=accelerator, verify_cap=cap, checkpointing_s=60)
 
 
 def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15, env: dict[str, str] | None = None,
@@ -214,11 +144,14 @@ def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15
     name = backend_name(backend_ref)
     spec = {"backend": backend_ref, "config": to_dict(cfg), "deadline_s": plan.deadline_s,
             "max_points": plan.max_points, "verify": plan.verify, "bisect": plan.bisect, "headroom": headroom,
-            "max_fraction": plan.max_fraction, "verify_cap": plan.verify_cap, "threads": torch.get_num_threads()}
+            "max_fraction": plan.max_fraction, "verify_cap": plan.verify_cap, "threads": torch.get_num_threads(),
+            "checkpointing": plan.checkpointing_s > 0, "checkpointing_s": plan.checkpointing_s}
     run = run_child(spec, child_env(name, env), plan.timeout_s, on_event)
     start = next((e for e in run.events if e["event"] == "start"), {})
-    points = [Point(**{k: e.get(k) for k in ("phase", "batch", "oom", "peak_bytes", "seconds", "images_per_sec", "error")})
-              for e in run.events if e["event"] == "point"]
+    measured = [Point(**{k: e.get(k) for k in ("phase", "batch", "oom", "peak_bytes", "seconds", "images_per_sec", "error")})
+                for e in run.events if e["event"] == "point"]
+    points = [p for p in measured if p.phase != "checkpointing"]  # the plain step's
+    checkpointed = [p for p in measured if p.phase == "checkpointing"]
     notes: list[str] = []
     error = next((e for e in run.events if e["event"] == "error"), None)
     if error:
@@ -254,13 +187,20 @@ def probe(cfg: Config, backend_ref: str, plan: ProbePlan, headroom: float = 0.15
         largest = max((p.batch for p in points if not p.oom and p.batch < first_oom), default=None)
     if start.get("precision_note"):
         notes.append(start["precision_note"])
+    fit_ckpt = fit_line([(p.batch, float(p.peak_bytes)) for p in checkpointed if not p.oom and p.peak_bytes])
+    max_ckpt = limit_by_oom(fit_ckpt.max_batch(budget, headroom), checkpointed) if fit_ckpt and budget else None
+    fastest_ckpt = max((p for p in checkpointed if p.images_per_sec and not p.oom), key=lambda p: p.batch, default=None)
+    if plan.checkpointing_s and fit_ckpt is None and fit is not None:
+        notes.append("the step with --gradient-checkpointing could not be measured at two batch sizes in time")
     return Probe(
         img_size=cfg.model.img_size, starting_channels=cfg.model.starting_channels, backend=start.get("backend", name),
         device=start.get("device", name), precision=start.get("precision", "?"), precision_note=start.get("precision_note"),
         parameters=int(start.get("parameters") or (cost.parameters if cost else 0)), budget_bytes=budget, headroom=headroom,
-        points=points, fit=fit, max_batch=max_batch, images_per_sec=best.images_per_sec if best else None,
+        points=measured, fit=fit, max_batch=max_batch, images_per_sec=best.images_per_sec if best else None,
         images_per_sec_batch=best.batch if best else None, largest_batch_bisected=largest,
         seconds=time.perf_counter() - started, details=start.get("details", {}), notes=notes,
+        fit_checkpointing=fit_ckpt, max_batch_checkpointing=max_ckpt,
+        images_per_sec_checkpointing=fastest_ckpt.images_per_sec if fastest_ckpt else None,
     )
 
 
@@ -283,12 +223,16 @@ def cell_config(cfg: Config, img_size: int, channels: int) -> Config:
     return apply_overrides(cfg, {"img_size": img_size, "starting_channels": channels})
 
 
-def recommendation(cfg: Config, probe_result: Probe, target_effective: int, config_file: str | None) -> Recommendation | None:
-    if not probe_result.max_batch:
+def recommendation(cfg: Config, probe_result: Probe, target_effective: int, config_file: str | None,
+                   checkpointing: bool = False) -> Recommendation | None:
+    """The train command for the largest batch that fits (``checkpointing``: with --gradient-checkpointing)."""
+    max_batch = probe_result.max_batch_checkpointing if checkpointing else probe_result.max_batch
+    if not max_batch:
         return None
-    batch, accum = recommend(probe_result.max_batch, target_effective)
+    batch, accum = recommend(max_batch, target_effective)
     steps = cfg.training.num_training_steps
-    timed = [p for p in probe_result.points if p.images_per_sec and not p.oom and p.phase != "warmup"]
+    timed = [p for p in probe_result.points if p.images_per_sec and not p.oom and p.phase != "warmup"
+             and (p.phase == "checkpointing") == checkpointing]
     nearest = min(timed, key=lambda p: abs(math.log(p.batch / batch)), default=None)  # speed depends on the batch
     ips = nearest.images_per_sec if nearest else None
     parts = ["ddpmctl", "train"]
@@ -296,8 +240,28 @@ def recommendation(cfg: Config, probe_result: Probe, target_effective: int, conf
         parts += ["--config", str(config_file)]
     parts += ["--img-size", str(cfg.model.img_size), "--starting-channels", str(cfg.model.starting_channels),
               "--batch-size", str(batch), "--gradient-accumulation-steps", str(accum)]
+    if checkpointing:
+        parts.append("--gradient-checkpointing")
     return Recommendation(batch, accum, batch * accum, ips, steps, steps * batch * accum / ips if ips else None,
                           shlex.join(parts))
+
+
+def checkpointing_advice(cfg: Config, probe_result: Probe, target_effective: int, config_file: str | None
+                         ) -> tuple[Recommendation | None, str | None]:
+    """The --gradient-checkpointing command and a note, when the batch that fits without it is below the
+    effective batch and checkpointing fits a larger one (fewer accumulation steps, or a model that fits at all)."""
+    plain, ckpt = probe_result.max_batch, probe_result.max_batch_checkpointing
+    if ckpt is None or plain is None or plain >= target_effective or ckpt <= plain:
+        return None, None
+    rec = recommendation(cfg, probe_result, target_effective, config_file, checkpointing=True)
+    if rec is None:
+        return None, None
+    speeds = ""
+    if rec.images_per_sec and probe_result.images_per_sec:
+        speeds = f" ({rec.images_per_sec:,.1f} img/s measured with it, {probe_result.images_per_sec:,.1f} without)"
+    fits = f"only {plain} image(s) fit per step" if plain else "not even batch 1 fits"
+    return rec, (f"{fits} without checkpointing, below the effective batch {target_effective}: with "
+                 f"--gradient-checkpointing {ckpt} fit{speeds}")
 
 
 # ----------------------------------------------------------------------------- all of it
@@ -351,29 +315,35 @@ def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effec
         if (s, c) == key:
             measured = bool(result.fit and result.fit.points)
             table.append(Cell(s, c, costs[key].parameters, result.max_batch, result.images_per_sec, measured,
-                              "measured" if measured else "estimated from the model's size"))
+                              "measured" if measured else "estimated from the model's size",
+                              result.max_batch_checkpointing, result.images_per_sec_checkpointing))
         elif full:
             say(f"probing {s}px / {c} channels")
             other = probe(cell_config(cfg, s, c), backend_ref, dataclasses.replace(plan, bisect=False), headroom, env,
                           on_event, costs[(s, c)])
             ok = bool(other.fit and other.fit.points)
             table.append(Cell(s, c, costs[(s, c)].parameters, other.max_batch, other.images_per_sec, ok,
-                              "measured" if ok else "estimated from the model's size"))
+                              "measured" if ok else "estimated from the model's size",
+                              other.max_batch_checkpointing, other.images_per_sec_checkpointing))
         else:
             mb, ips = extrapolate(result.fit, result.budget_bytes, result.headroom, result.images_per_sec,
                                    costs[key], costs[(s, c)])
+            # Checkpointed: the same scaling (what a block keeps grows with its activations too), roughly.
+            mb_ckpt, ips_ckpt = extrapolate(result.fit_checkpointing, result.budget_bytes, result.headroom,
+                                            result.images_per_sec_checkpointing, costs[key], costs[(s, c)])
             source = f"extrapolated from {key[0]}px/{key[1]}ch" + ("" if result.fit and result.fit.points else " (estimated)")
-            table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, source))
+            table.append(Cell(s, c, costs[(s, c)].parameters, mb, ips, False, source, mb_ckpt, ips_ckpt))
     environment_report = environment(cfg, backend, compile_result)
     for name, value in result.details.items():
         (environment_report.cuda if backend == "cuda" else environment_report.mps if backend == "mps" else {})[name] = value
     rec = recommendation(cfg, result, effective_batch, config_file)
+    rec_ckpt, ckpt_note = checkpointing_advice(cfg, result, effective_batch, config_file)
     if result.max_batch == 0:
         environment_report.checks.append(Check(
             "fits", "fail", f"not even batch 1 of {key[0]}px/{key[1]}ch fits in {result.budget_bytes / 2**30:.1f} GiB "
             f"with {headroom:.0%} headroom", "lower --starting-channels or --img-size (see the table)"))
-    notes = list(result.notes)
+    notes = list(result.notes) + ([ckpt_note] if ckpt_note else [])
     if not full:
         notes.append("quick mode measured one cell; the others are extrapolated (--full measures each)")
     return DoctorReport(SCHEMA_VERSION, mode, time.perf_counter() - started, environment_report, result, table,
-                        list(sizes), list(widths), rec, notes)
+                        list(sizes), list(widths), rec, notes, rec_ckpt)

@@ -52,7 +52,7 @@ class CpuBackend:
         gc.collect()
         reset_peak_rss()  # where it cannot be reset, batches run in ascending order so the peak still grows
 
-    def begin_step(self, batch: int) -> None:
+    def begin_step(self, batch: int, checkpointing: bool = False) -> None:
         """Called as each training step starts (fake backends use it to model memory)."""
 
     def sample(self) -> None:
@@ -188,17 +188,22 @@ class Prober:
     def step(self, batch: int) -> None:
         """One optimizer step of ``batch`` random images, exactly as training takes it."""
         size = self.cfg.model.img_size
-        self.backend.begin_step(batch)
+        self.backend.begin_step(batch, self.parts.model.gradient_checkpointing)
         self.parts.step.step([torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)])
         self.backend.sample()
 
     def measure(self, batch: int, phase: str, timed_steps: int = 1) -> dict[str, Any]:
-        """Peak memory and speed of training steps at ``batch``; an out-of-memory error is a data point."""
+        """Peak memory and speed of training steps at ``batch``; an out-of-memory error is a data point.
+
+        Phase "checkpointing" measures the step of ``--gradient-checkpointing`` (eager, as training runs it)."""
         be = self.backend
         point: dict[str, Any] = {"event": "point", "phase": phase, "batch": batch, "oom": False,
                                  "peak_bytes": None, "seconds": None, "images_per_sec": None, "error": None}
         started = time.perf_counter()
         self.parts.step.reset_graph(batch)  # on CUDA, a graph captured for this batch size, as training has
+        self.parts.model.gradient_checkpointing = phase == "checkpointing"
+        if phase == "checkpointing":
+            self.parts.step.use_graph = False  # no CUDA graph with checkpointing (step.graph_blocker)
         try:
             for _ in range(be.steps_per_point - 1):  # warm-up steps of a new shape (autotuning, caches)
                 self.step(batch)
@@ -238,7 +243,9 @@ def run_probe(spec: dict[str, Any]) -> None:
     started = time.perf_counter()
     deadline = started + float(spec.get("deadline_s", 60))
     backend = load_backend(spec.get("backend", "cpu"))
-    cfg = from_dict(spec["config"], source="doctor spec")
+    # Measured without checkpointing first, then with it (phase "checkpointing"): the same parts serve both.
+    cfg = from_dict({**spec["config"], "training": {**spec["config"].get("training", {}), "gradient_checkpointing": False}},
+                    source="doctor spec")
     details = backend.details()
     budget = backend.budget_bytes()
     prober = Prober(cfg, backend)
@@ -280,9 +287,28 @@ def run_probe(spec: dict[str, Any]) -> None:
             if not point["oom"]:
                 break
             target = int(target * 0.85)
+    deadline += float(spec.get("checkpointing_s", 0))
+    if spec.get("checkpointing"):
+        measure_checkpointing(prober, points, per_image, deadline)
     if fit and spec.get("bisect") and fit[1] > 0:
         bisect(prober, fit, budget, deadline)
     _emit({"event": "done", "seconds": time.perf_counter() - started})
+
+
+CHECKPOINTING_TIME = 1.4  # a checkpointed step runs the forward about twice: budget 1.4x the plain step's time
+
+
+def measure_checkpointing(prober: Prober, points: list[dict[str, Any]], per_image: float, deadline: float) -> None:
+    """The checkpointed step at the two largest batches the plain fit trained: its own line, as time allows."""
+    sizes = sorted({p["batch"] for p in points if not p["oom"] and p["peak_bytes"]})[-2:]
+    for batch in sizes:
+        cost = per_image * batch * CHECKPOINTING_TIME * prober.backend.steps_per_point
+        if time.perf_counter() + cost > deadline:
+            break
+        point = prober.measure(batch, "checkpointing")
+        _emit(point)
+        if point["oom"]:
+            break
 
 
 def bisect(prober: Prober, fit: tuple[float, float], budget: int, deadline: float) -> None:

@@ -29,13 +29,23 @@ from .files import missing_folders, remove_empty_folders, write_text_atomic
 from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
 from .layout import LOSS_PLOT, METRICS, RUN_CONFIG, grid_name
+from .machine import device_notes
 from .memorization import check_samples
 from .memorization_io import reference_for_dataset
 from .parts import build_parts
 from .pretrained import fine_tuning_config, load_pretrained
 from .run_state import RunState, resume_point
 from .runlock import RunLock
-from .runtime import DistInfo, barrier, configure_backends, init_distributed, resolve_precision, select_device
+from .runtime import (
+    DistInfo,
+    barrier,
+    configure_backends,
+    generator_device,
+    init_distributed,
+    release_cached_memory,
+    resolve_precision,
+    select_device,
+)
 from .sampling import progression_grid, sample, sampling_network, save_png, to_uint8
 from .step import StepResult
 from .validation import check_attention_resolutions
@@ -46,7 +56,7 @@ def evaluation_noise(cfg: Config, device: torch.device) -> tuple[torch.Tensor, t
     gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed + 1_000_003)
     size = cfg.model.img_size
     noise = torch.randn((cfg.sampling.num_generations, 3, size, size), generator=gen)
-    step_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 2_000_003)
+    step_gen = torch.Generator(device=generator_device(device)).manual_seed(cfg.run.seed + 2_000_003)
     return noise.to(device), step_gen
 
 
@@ -153,6 +163,7 @@ class Trainer:
         self.precision = resolve_precision(t.precision, self.device)
         if self.precision.note:
             self.notes.append(self.precision.note)
+        self.notes += device_notes(cfg, self.device)  # MPS: the memory limit in force, options slow there
         if cfg.sampling.sampler == "ddpm" and cfg.sampling.sampling_steps is not None:
             self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
@@ -313,6 +324,7 @@ class Trainer:
             autocast=self.precision.autocast,
         )
         net.train(was_training)
+        release_cached_memory(self.device)  # the grid's shapes are not training's: MPS would keep their blocks
         path = self.cfg.generated_dir / grid_name(step)
         try:
             save_png(progression_grid(result, s.show_x0), path)

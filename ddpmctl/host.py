@@ -1,4 +1,5 @@
-"""Facts about the host: RAM, CPU cores, this process's resident memory. Imports nothing of ddpmctl (nor torch).
+"""Facts about the host: RAM, CPU cores, this process's resident memory, a Mac's chip and macOS version.
+Imports nothing of ddpmctl (nor torch).
 
 Linux reads /proc; macOS asks ``vm_stat`` and ``sysctl``; where a figure cannot be read it is None.
 """
@@ -6,6 +7,7 @@ Linux reads /proc; macOS asks ``vm_stat`` and ``sysctl``; where a figure cannot 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import resource
 import subprocess
@@ -86,3 +88,29 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def mac_chip() -> str | None:
+    """The Mac's chip as macOS names it (``sysctl machdep.cpu.brand_string``, e.g. "Apple M2 Pro"); None elsewhere."""
+    if sys.platform != "darwin":
+        return None
+    return command_output(["sysctl", "-n", "machdep.cpu.brand_string"]) or None
+
+
+def macos_version() -> str | None:
+    """The macOS version (e.g. "14.5"); None elsewhere."""
+    if sys.platform != "darwin":
+        return None
+    return platform.mac_ver()[0] or None
+
+
+def apple_generation(chip: str | None) -> int | None:
+    """The M generation of an Apple Silicon chip name ("Apple M3 Max" -> 3); None for anything else."""
+    found = re.match(r"Apple M(\d+)", chip or "")
+    return int(found.group(1)) if found else None
+
+
+def macos_major(version: str | None) -> int | None:
+    """The major version of a macOS version string ("13.6.1" -> 13); None if there is none."""
+    found = re.match(r"(\d+)", version or "")
+    return int(found.group(1)) if found else None

@@ -14,7 +14,16 @@ from . import checkpoints, rundir
 from .config import Config, complete_saved, from_dict
 from .diffusion import Schedule
 from .errors import CheckpointError, DdpmctlError
-from .runtime import Precision, build_model, classify_oom, prepare_for_sampling, resolve_precision, select_device
+from .runtime import (
+    Precision,
+    build_model,
+    classify_oom,
+    generator_device,
+    prepare_for_sampling,
+    release_cached_memory,
+    resolve_precision,
+    select_device,
+)
 from .sampling import (
     SampleResult,
     SamplingGraphs,
@@ -100,11 +109,10 @@ def initial_noise(seed: int, start: int, n: int, size: int) -> torch.Tensor:
     return torch.stack([torch.randn((3, size, size), generator=g) for g in gens])
 
 
-def _free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.empty_cache()
+def step_generators(seed: int, start: int, n: int, device: torch.device) -> list[torch.Generator]:
+    """The per-step noise generators of images start..start+n-1, on runtime.generator_device (the CPU for MPS)."""
+    where = generator_device(device)
+    return [torch.Generator(device=where).manual_seed(image_seed(seed, start + i, 1)) for i in range(n)]
 
 
 def iter_samples(
@@ -139,7 +147,7 @@ def iter_samples(
     while start < num:
         n = min(bs, num - start)
         noise = initial_noise(seed, start, n, size).to(loaded.device)
-        gens = [torch.Generator(device=loaded.device).manual_seed(image_seed(seed, start + i, 1)) for i in range(n)]
+        gens = step_generators(seed, start, n, loaded.device)
 
         def progress(i: int, _n: int, base: int = done_units, width: int = n, images: int = start, cur: int = bs) -> None:
             nonlocal note
@@ -159,7 +167,7 @@ def iter_samples(
             if classify_oom(exc) is None:
                 raise
             del noise, gens
-            _free_memory(loaded.device)
+            release_cached_memory(loaded.device)
             if n <= 1:
                 raise DdpmctlError(f"out of memory on {loaded.device} even for one image; "
                                    "try --device cpu or a smaller --precision") from None

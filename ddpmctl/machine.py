@@ -17,8 +17,8 @@ import torch
 
 from . import __version__
 from .config import Config
-from .host import available_ram, command_output, cpu_cores, total_ram
-from .runtime import mps_available
+from .host import apple_generation, available_ram, command_output, cpu_cores, mac_chip, macos_major, macos_version, total_ram
+from .runtime import mps_available, mps_bf16_note
 
 MPS_DEFAULT_HIGH_WATERMARK = 1.7  # torch's default PYTORCH_MPS_HIGH_WATERMARK_RATIO
 MPS_CHILD_HIGH_WATERMARK = "1.0"  # in the probe: fail at the recommended maximum instead of swapping
@@ -66,6 +66,62 @@ def mps_watermark(env: dict[str, str] | None = None) -> tuple[str, str | None]:
     if not 0 < value <= 2:
         return raw, f"PYTORCH_MPS_HIGH_WATERMARK_RATIO={raw} is outside (0, 2]; MPS will refuse to start"
     return raw, None
+
+
+def mps_memory_note(env: dict[str, str] | None = None) -> str:
+    """One line for the start of training on MPS: the memory limit in force and what it means."""
+    raw = (env if env is not None else os.environ).get("PYTORCH_MPS_HIGH_WATERMARK_RATIO")
+    _, problem = mps_watermark(env)
+    if problem:
+        return problem
+    if raw is None:
+        return (f"MPS memory limit: PYTORCH_MPS_HIGH_WATERMARK_RATIO is unset, so torch allows "
+                f"{MPS_DEFAULT_HIGH_WATERMARK} x the GPU's recommended maximum: a batch too large swaps (slow) "
+                "instead of failing; set it to 1.0 to fail fast, and 'ddpmctl doctor' measures what fits")
+    if float(raw) > 1:
+        return (f"MPS memory limit: PYTORCH_MPS_HIGH_WATERMARK_RATIO={raw} x the GPU's recommended maximum: a batch "
+                "too large swaps (slow) instead of failing")
+    return (f"MPS memory limit: PYTORCH_MPS_HIGH_WATERMARK_RATIO={raw} x the GPU's recommended maximum: a batch too "
+            "large fails with 'MPS backend out of memory' instead of swapping")
+
+
+def mps_fallback_problem(env: dict[str, str] | None = None) -> str | None:
+    """What PYTORCH_ENABLE_MPS_FALLBACK=1 does, when it is set: an op MPS lacks runs on the CPU, silently."""
+    raw = (env if env is not None else os.environ).get("PYTORCH_ENABLE_MPS_FALLBACK", "").strip()
+    if raw in ("", "0"):
+        return None
+    return (f"PYTORCH_ENABLE_MPS_FALLBACK={raw}: any op MPS lacks runs on the CPU instead of failing, slowly and "
+            "with only a warning; ddpmctl's step is meant to need none, so unset it to see such an op by its name")
+
+
+def device_notes(cfg: Config, device: torch.device, env: dict[str, str] | None = None) -> list[str]:
+    """Notes for the start of training on ``device``: on MPS the memory limit in force, a CPU fallback, and the
+    options that have been slow or broken there (docs/apple-silicon.md)."""
+    notes = []
+    t = cfg.training
+    if t.channels_last and device.type != "cuda":
+        why = (" (channels-last convolution backward has been slow, even wrong, on MPS in recent PyTorch releases)"
+               if device.type == "mps" else "")
+        notes.append(f"--channels-last is used on CUDA only{why}; training on {device.type} in NCHW")
+    if device.type != "mps":
+        return notes
+    notes.append(mps_memory_note(env))
+    fallback = mps_fallback_problem(env)
+    if fallback:
+        notes.append(fallback)
+    if t.compile:
+        notes.append("--compile on MPS: torch.compile's MPS backend is experimental and has run slower than eager "
+                     "or failed in recent PyTorch releases; drop --compile if training fails or is slow")
+    return notes
+
+
+def mps_bf16_check(chip: str | None, macos: str | None) -> Check:
+    """What --precision bf16 would do on this Mac (macOS 14+ for bf16 on MPS; emulated on M1/M2)."""
+    major = macos_major(macos)
+    if major is not None and major < 14:
+        return Check("MPS bf16", "info", f"macOS {macos}: bf16 on MPS needs macOS 14 or later, so --precision bf16 "
+                     "would train in fp32")
+    return Check("MPS bf16", "info", mps_bf16_note(apple_generation(chip)))
 
 
 def child_env(backend: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -124,8 +180,10 @@ def environment(cfg: Config, backend: str, compile_result: dict[str, Any] | None
         checks.append(Check("CUDA", "ok", f"{cuda['device_count']} GPU(s), CUDA {cuda_build}"))
     mps_built = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_built())
     in_force, problem = mps_watermark()
+    chip, macos = mac_chip(), macos_version()
     mps = {"available": mps_available(), "built": mps_built, "high_watermark_ratio": in_force,
-           "probe_high_watermark_ratio": MPS_CHILD_HIGH_WATERMARK}
+           "probe_high_watermark_ratio": MPS_CHILD_HIGH_WATERMARK, "chip": chip,
+           "chip_generation": apple_generation(chip), "macos": macos}
     if sys.platform == "darwin":
         if platform.machine() == "x86_64" and command_output(["sysctl", "-n", "sysctl.proc_translated"]) == "1":
             checks.append(Check("MPS", "fail", "this Python runs under Rosetta (x86_64), so MPS is not available",
@@ -134,9 +192,14 @@ def environment(cfg: Config, backend: str, compile_result: dict[str, Any] | None
             checks.append(Check("MPS", "fail", "MPS is not available (needs Apple Silicon and macOS 12.3+)",
                                 "update macOS, and install torch for arm64"))
         else:
-            checks.append(Check("MPS", "ok", f"available; watermark {in_force}"))
+            checks.append(Check("MPS", "ok", f"available on {chip or 'this Mac'}, macOS {macos or '?'}; watermark {in_force}"))
+    if backend == "mps":
+        checks.append(mps_bf16_check(chip, macos))
     if problem:
         checks.append(Check("MPS watermark", "fail", problem, "unset PYTORCH_MPS_HIGH_WATERMARK_RATIO (or set 1.0-1.7)"))
+    fallback = mps_fallback_problem()
+    if fallback:
+        checks.append(Check("MPS fallback", "warn", fallback, "unset PYTORCH_ENABLE_MPS_FALLBACK"))
     if ram_avail is not None and ram_avail < 4 * 2**30:
         checks.append(Check("RAM", "warn", f"only {ram_avail / 2**30:.1f} GiB of RAM available",
                             "close other programs; keep --num-workers low"))

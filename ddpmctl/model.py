@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -187,6 +188,11 @@ def attention_heads(cfg: ModelConfig, channels: int) -> int:
 class UNet(nn.Module):
     """Predicts the noise (or v) in x_t given t: (B, 3, H, W), (B,) -> (B, 3, H, W)."""
 
+    # Set by parts.build_parts (--gradient-checkpointing): each Block (residual block and its attention), each
+    # Upsample and the output head keep only their inputs for backward and recompute the rest there. Same
+    # outputs and gradients; a training-time switch, not part of the weights.
+    gradient_checkpointing = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -235,16 +241,31 @@ class UNet(nn.Module):
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, temb) if isinstance(layer, Block) else layer(h)
+            h = self._block(layer, h, temb) if isinstance(layer, Block) else layer(h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, temb)
+            h = self._block(layer, h, temb)
         for layer in self.up:
             if isinstance(layer, Block):
-                h = layer(torch.cat([h, hs.pop()], dim=1), temb)
-            else:
-                h = layer(h)
-        return self.out(h)
+                h = self._block(layer, h, temb, hs.pop())
+            else:  # Upsample: checkpointed, it keeps its half-size input instead of the interpolated one
+                h = self._block(layer, h)
+        return self._block(self.out, h)
+
+    def _block(self, layer: nn.Module, h: torch.Tensor, temb: torch.Tensor | None = None,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``layer`` on h (concatenated with the encoder's ``skip``), checkpointed when training with it on."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant (PyTorch's recommendation); the dropout RNG is replayed, so gradients are unchanged.
+            return checkpoint(_run_block, layer, h, temb, skip, use_reentrant=False)
+        return _run_block(layer, h, temb, skip)
+
+
+def _run_block(layer: nn.Module, h: torch.Tensor, temb: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
+    """A decoder block takes its encoder activation concatenated on the channels (inside the checkpoint: not kept)."""
+    if skip is not None:
+        h = torch.cat([h, skip], dim=1)
+    return layer(h) if temb is None else layer(h, temb)
 
 
 def count_parameters(model: nn.Module) -> int:

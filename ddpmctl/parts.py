@@ -48,6 +48,7 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_low_precision_norms(model, low_precision_norms(device))
+    model.gradient_checkpointing = t.gradient_checkpointing  # the EMA copy samples without gradients: never used there
     per_update = t.batch_size * t.gradient_accumulation_steps * (dist_info.world_size if dist_info else 1)
     ema = EMA(model, t.ema_decay, t.ema_warmup, t.ema_halflife_images, per_update) if t.ema_decay > 0 else None
     optimizer = make_optimizer(model.parameters(), t.learning_rate, t.weight_decay, device)
@@ -58,7 +59,8 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
     ddp, grad_sync = None, None
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist_info is not None and dist_info.enabled:
-        graph_possible = t.cuda_graph and graph_blocker(device, precision, t.gradient_accumulation_steps, False) is None
+        graph_possible = t.cuda_graph and graph_blocker(device, precision, t.gradient_accumulation_steps, False,
+                                                        t.gradient_checkpointing) is None
         if graph_possible and GradSync.supports(trainable):
             # A replayed graph beats DDP's overlap of communication and backward (docs/performance.md):
             # all-reduce after each replay instead.
@@ -74,6 +76,7 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
         loss_fn=cfg.diffusion.loss_fn, loss_weighting=cfg.diffusion.loss_weighting,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, random_flip=cfg.data.random_flip, channels_last=channels_last,
         accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=ddp, grad_sync=grad_sync,
-        cuda_graph=t.cuda_graph, graph_batch=t.batch_size,
+        cuda_graph=t.cuda_graph, graph_batch=t.batch_size, checkpointing=t.gradient_checkpointing,
+        fixed_shape=device.type == "mps",
     )
     return Parts(model, ema, optimizer, scheduler, schedule, step)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .config import Config
 from .errors import ConfigError, DdpmctlError
+from .host import apple_generation, mac_chip
 from .model import UNet, set_low_precision_norms
 
 T = TypeVar("T")
@@ -101,7 +102,7 @@ class Precision:
     name: str  # fp32, bf16 or fp16
     dtype: torch.dtype | None
     device_type: str
-    note: str | None = None  # a one-line explanation when the request had to change
+    note: str | None = None  # a one-line explanation when the request had to change, or of what it costs here
 
     @property
     def use_scaler(self) -> bool:
@@ -116,7 +117,8 @@ class Precision:
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA GPUs that support it, fp32 elsewhere (the CPU too: bit-exact runs stay the default).
+    """auto: bf16 on CUDA GPUs that support it, fp32 elsewhere (the CPU too: bit-exact runs stay the default;
+    MPS too: bf16 there has not been measured faster, see :func:`mps_bf16_note`).
 
     bf16 asked for explicitly also works on MPS and on CPUs with native bf16; where a request cannot be
     met, the fallback comes with a one-line note.
@@ -135,13 +137,39 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         return Precision("fp32", None, kind, note=f"{why}; training in fp32")
     if kind == "mps":
         if requested == "bf16" and not mps_supports_bf16():
-            return Precision("fp32", None, kind, note="this torch/macOS cannot autocast bf16 on MPS; training in fp32")
+            return Precision("fp32", None, kind, note="this torch/macOS cannot autocast bf16 on MPS (it needs macOS 14 "
+                                                      "or later); training in fp32")
         if requested == "fp16":
             return Precision("fp16", torch.float16, kind)
-        return Precision("bf16", torch.bfloat16, kind)
+        return Precision("bf16", torch.bfloat16, kind, note=mps_bf16_note(apple_generation(mac_chip())))
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         return Precision("fp16", torch.float16, kind, note="this GPU has no bf16; using fp16 with a grad scaler")
     return Precision(requested, torch.bfloat16 if requested == "bf16" else torch.float16, kind)
+
+
+def mps_bf16_note(generation: int | None) -> str:
+    """What bf16 costs on this Mac's GPU: M1 and M2 have no bf16 arithmetic (emulated: memory saved, no time);
+    newer chips save memory, but bf16 on MPS has run slower than fp32 there too (docs/apple-silicon.md)."""
+    if generation in (1, 2):
+        return (f"bf16 on an Apple M{generation} GPU is emulated: it saves activation memory but runs no faster "
+                "than fp32 (the default on MPS)")
+    return ("bf16 on MPS saves activation memory but can run slower than fp32 (the default on MPS); compare both "
+            "with 'ddpmctl doctor --precision bf16' and '--precision fp32'")
+
+
+def generator_device(device: torch.device) -> torch.device:
+    """Where seeded noise is drawn for ``device``: CUDA's own generator repeats a seed run after run; MPS's has
+    not always done so, so MPS (and the CPU) draw on the CPU and copy: the same seed, the same noise on any Mac."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached, unused blocks back (CUDA, MPS): after running out of memory, or when a phase
+    with other tensor shapes (sampling a grid) ends, since MPS's driver memory grows with every shape it caches."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 # How long the other ranks wait for rank 0 alone (a checkpoint write, an evaluation grid). These waits

@@ -84,12 +84,14 @@ def _evenly(items: list[int], count: int) -> list[int]:
 
 
 def randn_like_batch(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` (float32), from one generator or one per image."""
+    """Standard normal noise shaped like ``x`` (float32), from one generator or one per image, drawn on the
+    generators' device (the CPU for MPS: runtime.generator_device) and moved to x's."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, device=x.device)
+        where = x.device if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=where).to(x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generator])
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generator]).to(x.device)
 
 
 class EDMDenoiser(nn.Module):

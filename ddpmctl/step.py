@@ -34,10 +34,13 @@ from .state import EMA
 GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuDNN autotuning, compilation, lazy state)
 
 
-def graph_blocker(device: torch.device, precision: Precision, accumulation: int, distributed: bool) -> str | None:
+def graph_blocker(device: torch.device, precision: Precision, accumulation: int, distributed: bool,
+                  checkpointing: bool = False) -> str | None:
     """Why the training step cannot run as a CUDA graph here (None: it can)."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if checkpointing:  # its recomputation saves and restores the RNG state, which capture does not allow
+        return "--gradient-checkpointing"
     if precision.use_scaler:
         return "fp16 loss scaling checks gradients on the host"
     if accumulation > 1:
@@ -109,6 +112,8 @@ class TrainStep:
         grad_sync: GradSync | None = None,
         cuda_graph: bool = False,
         graph_batch: int | None = None,
+        checkpointing: bool = False,
+        fixed_shape: bool = False,
     ):
         self.model, self.train_model = model, train_model  # train_model: model wrapped by DDP and/or torch.compile
         self.schedule, self.precision, self.device = schedule, precision, device
@@ -122,14 +127,19 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Fused AdamW skips a non-finite update on the device; fp16 loss scaling and MPS decide on the host.
         self.skip_on_device = bool(optimizer.defaults.get("fused")) and not precision.use_scaler
-        blocker = graph_blocker(device, precision, accumulation, ddp is not None) if cuda_graph else "off"
+        blocker = graph_blocker(device, precision, accumulation, ddp is not None, checkpointing) if cuda_graph else "off"
         self.graph_wanted = blocker is None and self.skip_on_device
         self.use_graph = self.graph_wanted  # turned off for good if a capture fails
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: torch.Tensor | None = None
         self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor | None = None
         self.graph_note: str | None = None  # set if capture failed (on any rank) and the step fell back to eager
+        if checkpointing and cuda_graph and device.type == "cuda":
+            self.graph_note = "--gradient-checkpointing: the step runs eagerly, without the CUDA graph (slower per image)"
         self.graph_batch = graph_batch  # images in the captured batch (the configured batch size); None: the first's
+        # MPS: a short batch (an epoch's last) is padded to graph_batch images, as the graph pads it, since each
+        # new batch shape makes the MPS allocator's driver memory grow (see _fixed_shapes).
+        self.fixed_shape = fixed_shape
         self.static_rows: torch.Tensor | None = None
         self._rng: torch.Tensor | None = None  # the CUDA RNG state before the warm-up
         self.graph_grads: list[torch.Tensor | None] = []  # the .grad tensors the captured backward writes
@@ -195,8 +205,25 @@ class TrainStep:
         if self.grad_sync is not None:
             self.grad_sync.zero()
         n = len(batches)
-        losses = [self.micro_batch(b, accumulating=i < n - 1, rows=rows) for i, b in enumerate(batches)]
+        shaped = self._fixed_shapes(batches, rows)
+        losses = [self.micro_batch(b, accumulating=i < n - 1, rows=r) for i, (b, r) in enumerate(shaped)]
         return losses[0] if n == 1 else torch.stack(losses).mean()
+
+    def _fixed_shapes(self, batches: list[torch.Tensor], rows: torch.Tensor | None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(micro-batch, rows that count) pairs. With ``fixed_shape``, a batch shorter than ``graph_batch`` gets
+        zero images appended that do not count (``rows``), so the device sees one input shape for the whole run."""
+        if not self.fixed_shape or rows is not None or not self.graph_batch:
+            return [(b, rows) for b in batches]
+        shaped = []
+        for b in batches:
+            missing = self.graph_batch - b.shape[0]
+            if missing > 0:
+                padded = torch.cat([b, b.new_zeros((missing, *b.shape[1:]))])
+                shaped.append((padded, torch.tensor(float(b.shape[0]), device=self.device)))
+            else:
+                shaped.append((b, None))
+        return shaped
 
     def _eager(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

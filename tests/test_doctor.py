@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddpmctl import doctor
+from ddpmctl import doctor, machine
 from ddpmctl.cli.main import app
 from ddpmctl.config import Config, apply_overrides
 from ddpmctl.cost import ModelCost, model_cost
@@ -122,24 +122,25 @@ def test_child_env_sets_the_mps_watermark_never_to_zero():
 
 
 class FakeMps(MpsBackend):
-    """The real MpsBackend with the four torch.mps calls replaced: memory = BASE + PER_IMAGE * batch, on the CPU.
+    """The real MpsBackend with the four torch.mps calls replaced: memory = BASE + PER_IMAGE * batch, on the CPU
+    (PER_IMAGE_CHECKPOINTED with --gradient-checkpointing).
 
     Like the real allocator it raises "MPS backend out of memory" past PYTORCH_MPS_HIGH_WATERMARK_RATIO x the
-    recommended maximum, and (like fragmentation would) also above HIDDEN_LIMIT images.
+    recommended maximum, and (like fragmentation would) also above HIDDEN_LIMIT images without checkpointing.
     """
 
-    BASE, PER_IMAGE, RECOMMENDED, HIDDEN_LIMIT = 100 * MIB, 10 * MIB, 400 * MIB, 20
+    BASE, PER_IMAGE, PER_IMAGE_CHECKPOINTED, RECOMMENDED, HIDDEN_LIMIT = 100 * MIB, 10 * MIB, 4 * MIB, 400 * MIB, 20
 
     def __init__(self) -> None:
         super().__init__()
         self.device = torch.device("cpu")
-        self.batch = 0
+        self.batch, self.checkpointing = 0, False
 
     def recommended_max(self) -> int:
         return self.RECOMMENDED
 
     def driver_allocated(self) -> int:
-        return self.BASE + self.PER_IMAGE * self.batch
+        return self.BASE + (self.PER_IMAGE_CHECKPOINTED if self.checkpointing else self.PER_IMAGE) * self.batch
 
     def synchronize(self) -> None:
         pass
@@ -147,20 +148,23 @@ class FakeMps(MpsBackend):
     def empty_cache(self) -> None:
         pass
 
-    def begin_step(self, batch: int) -> None:
-        self.batch = batch
+    def begin_step(self, batch: int, checkpointing: bool = False) -> None:
+        self.batch, self.checkpointing = batch, checkpointing
 
     def sample(self) -> None:
         limit = float(os.environ["PYTORCH_MPS_HIGH_WATERMARK_RATIO"]) * self.RECOMMENDED
-        if self.driver_allocated() > limit or self.batch > self.HIDDEN_LIMIT:
+        if self.driver_allocated() > limit or (self.batch > self.HIDDEN_LIMIT and not self.checkpointing):
             raise RuntimeError(MPS_MESSAGE)
         super().sample()
 
 
-def test_fake_mps_end_to_end(tmp_path: Path):
+def test_fake_mps_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = apply_overrides(Config(), TINY)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYTORCH_MPS_HIGH_WATERMARK_RATIO", None)
+    monkeypatch.setattr(machine, "mac_chip", lambda: "Apple M2 Max")  # what sysctl would say on that Mac
+    monkeypatch.setattr(machine, "macos_version", lambda: "14.6.1")
+    monkeypatch.setenv("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     report = doctor.run_doctor(cfg, img_sizes=(16,), channels=(8, 16), backend_ref="test_doctor:FakeMps", env=env)
     probe = report.probe
     assert probe.backend == "mps" and probe.budget_bytes == FakeMps.RECOMMENDED
@@ -176,12 +180,29 @@ def test_fake_mps_end_to_end(tmp_path: Path):
     assert probe.max_batch == 23
     assert report.recommendation.batch_size * report.recommendation.gradient_accumulation_steps >= 64
     assert report.recommendation.batch_size <= 23
+    assert "--gradient-checkpointing" not in report.recommendation.command
+    # The checkpointed step, at the plain fit's two largest batches: its own line, (400 * 0.85 - 100) / 4 = 60.
+    assert [p.batch for p in probe.points if p.phase == "checkpointing"] == [8, 16]
+    assert probe.fit_checkpointing.slope == pytest.approx(FakeMps.PER_IMAGE_CHECKPOINTED)
+    assert probe.max_batch_checkpointing == 60
+    # 23 < the effective batch 64: checkpointing is suggested, 2 steps of 32 instead of 3 of 22.
+    ckpt = report.recommendation_checkpointing
+    assert (ckpt.batch_size, ckpt.gradient_accumulation_steps) == (32, 2) and ckpt.command.endswith("--gradient-checkpointing")
+    assert any("only 23 image(s) fit per step without checkpointing" in n and "with --gradient-checkpointing 60 fit" in n
+               for n in report.notes)
     assert report.environment.backend == "mps"
-    assert report.environment.mps["recommended_max_bytes"] == FakeMps.RECOMMENDED
-    assert "unset" in report.environment.mps["high_watermark_ratio"]  # the caller's own setting is reported
+    mps = report.environment.mps
+    assert mps["recommended_max_bytes"] == FakeMps.RECOMMENDED
+    assert "unset" in mps["high_watermark_ratio"]  # the caller's own setting is reported
+    assert (mps["chip"], mps["chip_generation"], mps["macos"]) == ("Apple M2 Max", 2, "14.6.1")
+    checks = {c.name: c for c in report.environment.checks}
+    assert "Apple M2 GPU is emulated" in checks["MPS bf16"].detail
+    assert checks["MPS fallback"].status == "warn" and "PYTORCH_ENABLE_MPS_FALLBACK=1" in checks["MPS fallback"].detail
     cells = {(c.img_size, c.starting_channels): c for c in report.table}
     assert cells[(16, 8)].measured and not cells[(16, 16)].measured
+    assert cells[(16, 8)].max_batch_checkpointing == 60
     assert 0 < cells[(16, 16)].max_batch < 23  # wider model: fewer images fit
+    assert cells[(16, 16)].max_batch < cells[(16, 16)].max_batch_checkpointing < 60
 
 
 # ----------------------------------------------------------------------------- the CPU child probe and --json
@@ -212,7 +233,11 @@ def test_json_runs_a_real_cpu_probe_in_a_child(tmp_path: Path):
     assert probe["fit"]["slope"] > 0 and probe["max_batch"] > 64
     assert data["table"] == [{"img_size": 16, "starting_channels": 8, "parameters": probe["parameters"],
                               "max_batch": probe["max_batch"], "images_per_sec": probe["images_per_sec"],
-                              "measured": True, "source": "measured"}]
+                              "measured": True, "source": "measured",
+                              "max_batch_checkpointing": probe["max_batch_checkpointing"],
+                              "images_per_sec_checkpointing": probe["images_per_sec_checkpointing"]}]
+    assert len([p for p in probe["points"] if p["phase"] == "checkpointing" and not p["oom"]]) == 2
+    assert data["recommendation_checkpointing"] is None  # the plain batch reaches the effective batch already
     rec = data["recommendation"]
     assert rec["batch_size"] == 64 and rec["gradient_accumulation_steps"] == 1 and rec["num_training_steps"] == 1000
     assert "--batch-size 64 --gradient-accumulation-steps 1" in rec["command"] and rec["estimated_seconds"] > 0

@@ -118,3 +118,43 @@ def test_spelled_out_attention_matches_the_fused_kernel_and_is_chosen_for_cpu_bf
     assert not spell_out_attention(q)  # fp32 on the CPU: the fused kernel (level speed, less memory)
     assert spell_out_attention(q.bfloat16())  # bf16 on the CPU: matmuls (its flash backward is slow there)
     assert not spell_out_attention(torch.randn(1, 1, 4096, 8).bfloat16())  # long sequences keep the fused kernel
+
+
+def _saved_bytes(model: UNet, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The output and the bytes autograd keeps for backward (outside checkpointed blocks: their inputs only)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x, t)
+    return out, sum(saved.values())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_keeps_less(monkeypatch):
+    cfg = ModelConfig(**{**TINY, "img_size": 16, "attention_resolutions": (8,), "dropout": 0.1})  # dropout: RNG replayed
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 999])
+    results = {}
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        torch.manual_seed(5)
+        out, kept = _saved_bytes(model, x, t)
+        grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+        results[on] = (out.detach(), grads, kept, torch.rand(1))  # the RNG after backward, too
+    (out, grads, kept, after), (out_c, grads_c, kept_c, after_c) = results[False], results[True]
+    assert torch.equal(out, out_c) and torch.equal(after, after_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c, strict=True))
+    assert kept_c < 0.5 * kept  # the blocks' insides are recomputed in backward, not kept
+    def no_checkpoint(*_a, **_k):
+        raise AssertionError("checkpointed without gradients")
+
+    monkeypatch.setattr("ddpmctl.model.checkpoint", no_checkpoint)
+    with torch.no_grad():  # sampling (the EMA copy too): nothing is saved, so nothing is checkpointed
+        assert model(x, t).shape == x.shape

@@ -139,6 +139,25 @@ def test_stop_and_resume_is_bit_identical(
     assert losses(run) == losses(straight)  # no batch replayed or skipped, same noise and timesteps
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["checkpointing-throughout", "turned-on-at-resume"])
+def test_gradient_checkpointing_resumes_bit_identical_to_a_run_without_it(
+    data: Path, tmp_path: Path, straight: Path, first: bool
+) -> None:
+    """It changes neither the weights nor what a checkpoint holds: a resume may turn it on (it is not another
+    model), and the run ends bit for bit where the run without it did."""
+    opts = options(data, tmp_path, "ckpt", gradient_checkpointing=first)
+    on_event, flag = stop_at(5)
+    with pytest.raises(TrainingStopped):
+        train(config_mod.resolve(None, opts), on_event, flag)
+    resumed = config_mod.resolve_for_resume(None, {"experiment_name": "ckpt", "working_directory": str(tmp_path / "w"),
+                                                   "gradient_checkpointing": None if first else True})
+    assert resumed.training.gradient_checkpointing  # from config.yaml, or given at resume
+    train(resumed)
+    run = tmp_path / "w" / "ckpt"
+    assert_same_weights(run / f"checkpoint_{STEPS}", straight / f"checkpoint_{STEPS}")
+    assert losses(run) == losses(straight)
+
+
 def test_resume_cli_needs_only_name_and_folder_and_extends_with_more_steps(
     data: Path, tmp_path: Path, straight: Path
 ) -> None:

@@ -33,6 +33,20 @@ def test_graph_blockers_name_the_reason():
     assert "loss scaling" in graph_blocker(cuda, fp16, 1, False)
     assert "accumulation" in graph_blocker(cuda, bf16, 2, False)
     assert "torchrun" in graph_blocker(cuda, bf16, 1, True)
+    assert "checkpointing" in graph_blocker(cuda, bf16, 1, False, checkpointing=True)
+
+
+def test_gradient_checkpointing_skips_the_cuda_graph_with_a_note():
+    """Its recomputation saves and restores RNG state, which graph capture forbids: the step runs eagerly."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)  # built, never run: no CUDA needed
+    sched = Schedule(DiffusionConfig(num_diffusion_timesteps=20))
+    cuda, bf16 = torch.device("cuda"), Precision("bf16", torch.bfloat16, "cuda")
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
+    plain = TrainStep(model, model, sched, bf16, opt, lr, cuda, cuda_graph=True)
+    assert plain.use_graph and plain.graph_note is None
+    step = TrainStep(model, model, sched, bf16, opt, lr, cuda, cuda_graph=True, checkpointing=True)
+    assert not step.use_graph and "--gradient-checkpointing" in step.graph_note and "CUDA graph" in step.graph_note
 
 
 def test_step_on_cpu_stays_eager_and_matches_a_hand_written_step():
@@ -221,6 +235,53 @@ def test_a_padded_short_batch_matches_the_plain_mean_over_its_images(monkeypatch
     torch.testing.assert_close(masked, plain)
     for p, g in zip(step.params, plain_grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_a_training_step_with_gradient_checkpointing_updates_the_weights_as_without():
+    from ddpmctl.config import Config, apply_overrides
+    from ddpmctl.parts import build_parts
+
+    base = apply_overrides(Config(), {"img_size": 8, "starting_channels": 8, "channel_multipliers": "1,2",
+                                      "attention_resolutions": "4", "num_heads": 2, "dropout": 0.1,
+                                      "num_diffusion_timesteps": 20, "device": "cpu", "warmup_steps": 1})
+    batch = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    after = {}
+    for on in (False, True):
+        parts = build_parts(apply_overrides(base, {"gradient_checkpointing": on}), torch.device("cpu"),
+                            Precision("fp32", None, "cpu"))
+        assert parts.model.gradient_checkpointing is on
+        torch.manual_seed(3)
+        results = [parts.step.step([batch]) for _ in range(2)]
+        weights = [p.detach().clone() for p in parts.model.parameters()]
+        after[on] = ([(r.loss.item(), r.grad_norm.item()) for r in results], weights)
+    assert after[True][0] == after[False][0]  # bit for bit: dropout's RNG is replayed in the recomputation
+    assert all(torch.equal(a, b) for a, b in zip(after[True][1], after[False][1], strict=True))
+
+
+def test_mps_pads_a_short_batch_to_one_shape_with_the_plain_loss_and_gradients(monkeypatch):
+    """fixed_shape (MPS): an epoch's short last batch is padded to the batch size, so the device sees one input
+    shape all run (each new shape grows MPS's driver memory), and the padding counts for nothing."""
+    from ddpmctl import step as step_mod
+
+    monkeypatch.setattr(step_mod, "torch", _RowwiseTorch())
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    full, short = (torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8) for n in (4, 3))
+    results = {}
+    for fixed in (False, True):
+        step = _step(model, random_flip=False, accumulation=2, graph_batch=4, fixed_shape=fixed)
+        shapes: list[int] = []
+        hook = model.register_forward_pre_hook(lambda _m, args, seen=shapes: seen.append(args[0].shape[0]))
+        step.zero_grad(force=True)
+        loss, grad_norm, _ = step.forward_backward([full, short])
+        hook.remove()
+        results[fixed] = (loss, grad_norm, [p.grad.clone() for p in step.params], shapes)
+    (loss, norm, grads, shapes), (loss_f, norm_f, grads_f, shapes_f) = results[False], results[True]
+    assert shapes == [4, 3] and shapes_f == [4, 4]
+    torch.testing.assert_close(loss_f, loss)
+    torch.testing.assert_close(norm_f, norm)
+    for a, b in zip(grads_f, grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_resuming_keeps_this_runs_optimizer_implementation():

@@ -28,6 +28,10 @@ def _duration(seconds: float | None) -> str:
     return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.0f} min"
 
 
+def _batch(value: int | None) -> str:
+    return "?" if value is None else ("does not fit" if value == 0 else str(value))
+
+
 def table_axes(cfg: config_mod.Config, img_size: int | None, channels: int | None,
                config_file: Path | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Rows and columns of the table: the defaults, or only what was asked for."""
@@ -54,6 +58,8 @@ def render(report: DoctorReport) -> None:
     mps_text = "available" if mps["available"] else "not available"
     if mps.get("recommended_max_bytes"):
         mps_text = f"recommended maximum {_gib(mps['recommended_max_bytes'])}"
+    if mps.get("chip") or mps.get("macos"):
+        mps_text += f" on {mps.get('chip') or 'an unknown chip'}, macOS {mps.get('macos') or '?'}"
     info.add_row("MPS", f"{mps_text}; PYTORCH_MPS_HIGH_WATERMARK_RATIO {mps['high_watermark_ratio']}")
     info.add_row("torch.compile", f"{env.torch_compile['status']}: {env.torch_compile['detail']}")
     dl = env.dataloader
@@ -85,9 +91,11 @@ def render(report: DoctorReport) -> None:
                           highlight=False)
         console.print(f"largest batch that fits: [bold]{probe.max_batch if probe.max_batch is not None else '?'}[/]"
                       + (f"; bisected real largest batch: {probe.largest_batch_bisected}"
-                         if probe.largest_batch_bisected else ""), highlight=False)
+                         if probe.largest_batch_bisected else "")
+                      + f"; with --gradient-checkpointing: {_batch(probe.max_batch_checkpointing)}", highlight=False)
 
-    grid = Table(title="what fits here: largest batch / images per second (* measured)", title_justify="left")
+    grid = Table(title="what fits here: largest batch / images per second (* measured); in brackets, with "
+                       "--gradient-checkpointing", title_justify="left")
     grid.add_column("image size")
     for ch in report.channels:
         grid.add_column(f"{ch} channels", justify="right")
@@ -96,9 +104,11 @@ def render(report: DoctorReport) -> None:
         row = [f"{size}x{size}"]
         for ch in report.channels:
             cell = by_key[(size, ch)]
-            batch = "?" if cell.max_batch is None else ("does not fit" if cell.max_batch == 0 else str(cell.max_batch))
+            batch = _batch(cell.max_batch)
             speed = f"{cell.images_per_sec:,.1f} img/s" if cell.images_per_sec else "? img/s"
-            row.append(f"{batch} / {speed}{' *' if cell.measured else ''}")
+            ckpt = "" if cell.max_batch_checkpointing is None else f" ({_batch(cell.max_batch_checkpointing)} / " + (
+                f"{cell.images_per_sec_checkpointing:,.1f})" if cell.images_per_sec_checkpointing else "?)")
+            row.append(f"{batch} / {speed}{' *' if cell.measured else ''}{ckpt}")
         grid.add_row(*row)
     console.print(grid)
 
@@ -106,6 +116,12 @@ def render(report: DoctorReport) -> None:
         console.print(f"recommended (effective batch {rec.effective_batch}, about {_duration(rec.estimated_seconds)} "
                       f"for {rec.num_training_steps:,} steps at {rec.images_per_sec or 0:,.1f} img/s):", highlight=False)
         console.print(f"  {rec.command}", highlight=False, soft_wrap=True)
+    ckpt_rec = report.recommendation_checkpointing
+    if ckpt_rec is not None:
+        console.print(f"with --gradient-checkpointing (effective batch {ckpt_rec.effective_batch} in "
+                      f"{ckpt_rec.gradient_accumulation_steps} step(s), about {_duration(ckpt_rec.estimated_seconds)}):",
+                      highlight=False)
+        console.print(f"  {ckpt_rec.command}", highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
 
