@@ -19,13 +19,14 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .classes import folder_counts, proportional_labels
 from .errors import DataError, DdpmctlError
 from .files import atomic_path, sha256_file
 from .inference import LoadedModel, SampleProgress, iter_samples
@@ -333,12 +334,19 @@ def evaluate(
     cache_dir: str | Path | None = None,
     on_reference: Callable[[int, int], None] | None = None,
     on_sample: Callable[[SampleProgress], None] | None = None,
+    labels: Sequence[int] | None = None,
+    guidance: float | None = None,
 ) -> EvalResult:
     """Generate ``num`` images from ``loaded`` and score them against ``data_dir`` (FID, KID).
 
     ``extractor`` defaults to torchmetrics' Inception-v3 (loaded first, so a missing weights file
-    fails before any sampling); any module mapping uint8 (B, 3, H, W) to (B, F) works.
+    fails before any sampling); any module mapping uint8 (B, 3, H, W) to (B, F) works. A class-conditional
+    model draws classes ``labels`` (default: in proportion to ``data_dir``'s class folders, else in turn)
+    with classifier-free guidance ``guidance`` (inference.iter_samples).
     """
+    names = loaded.config.model.class_names
+    if names and labels is None:
+        labels = proportional_labels(folder_counts(Path(data_dir), names), num)
     if num < 2:
         raise EvaluationError("--num must be at least 2 for FID and KID")
     started = time.perf_counter()
@@ -349,7 +357,8 @@ def evaluate(
     ref = reference_features(data_dir, loaded.config.model.img_size, extractor, loaded.device,
                              batch_size=batch_size, cache_dir=cache_dir, on_progress=on_reference, extractor_key=ident)
     chunks = []
-    for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample):
+    for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample, labels=labels,
+                              guidance=guidance):
         chunks.append(featurise(extractor, to_uint8(batch.images), loaded.device))
     fake = torch.cat(chunks)
     scores = fid_kid(ref.features, fake, seed=seed)

@@ -28,6 +28,7 @@ from .config import (
     DiffusionConfig,
     ModelConfig,
     RunConfig,
+    apply_overrides,
     complete_saved,
     dump_yaml,
     from_dict,
@@ -138,6 +139,15 @@ def load_pretrained(path: str | Path) -> Pretrained:
     if df.is_diffusers_folder(path) or (path.is_file() and (path.parent / df.UNET_CONFIG).is_file()):
         return read_diffusers(path)
     return read_checkpoint(path)
+
+
+# A run started --init-from trained weights fine-tunes them: defaults a --config file or an option still overrides.
+FINE_TUNING_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 200}
+
+
+def fine_tuning_base() -> Config:
+    """The built-in defaults with FINE_TUNING_DEFAULTS laid over them (the base of an --init-from run)."""
+    return apply_overrides(Config(), FINE_TUNING_DEFAULTS)
 
 
 def fine_tuning_config(cfg: Config, pre: Pretrained) -> tuple[Config, list[str]]:

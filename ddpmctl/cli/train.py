@@ -19,6 +19,7 @@ from ..errors import TrainingStopped
 from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from ..interrupts import StopFlag
 from ..layout import RUN_CONFIG
+from ..pretrained import fine_tuning_base
 from .common import console, err_console, handle_errors, interrupted, plural
 from .options import with_config_options
 
@@ -165,7 +166,7 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
         elif which:
             cfg = config_mod.resolve_for_resume(config_file, overrides)
         if cfg.training.init_from and not cfg.training.resume_from_checkpoint:  # fine-tuning: its own defaults
-            cfg = config_mod.resolve(config_file, overrides, base=config_mod.fine_tuning_base())
+            cfg = config_mod.resolve(config_file, overrides, base=fine_tuning_base())
     run_training(cfg)
 
 
