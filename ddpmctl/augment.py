@@ -63,7 +63,7 @@ def augment(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     # 5. Saturation: scale each pixel's distance from its grey value (the mean of its channels).
     sat = torch.randn(n, device=dev) * chosen(n)
     grey = x.mean(dim=1, keepdim=True)
-    x = grey + (x - grey) * torch.exp2(sat * SATURATION_STD).view(-1, 1, 1, 1)
+    x = x + (x - grey) * (torch.exp2(sat * SATURATION_STD) - 1).view(-1, 1, 1, 1)  # untouched: exactly x
     labels = torch.stack([flip.float(), ((k == 1) | (k == 2)).float(), ((k == 2) | (k == 3)).float(),
                           tx / (w * TRANSLATE_MAX), ty / (h * TRANSLATE_MAX), bright, sat], dim=1)
     return x, labels.float()

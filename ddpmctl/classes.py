@@ -64,6 +64,16 @@ def class_index(names: Sequence[str], spec: str | int) -> int:
     raise ConfigError(f"unknown class {text!r}: this model's classes are {shown} (pass a name or an index)")
 
 
+def saved_network(cfg: Config, saved: dict) -> Config:
+    """``cfg`` with the settings its network took from its data when first trained (``saved``: a checkpoint's
+    config): they are no options, so a resumed run gets them from its checkpoint, whatever ``cfg`` says."""
+    model = saved.get("model", {})
+    over = {k: model[k] for k in ("class_names", "augment_dim") if k in model}
+    if cfg.model.dropout is None and model.get("dropout") is not None:
+        over["dropout"] = model["dropout"]
+    return apply_overrides(cfg, over) if over else cfg
+
+
 def fit_to_data(cfg: Config, class_names: tuple[str, ...], labels: Sequence[int], num_images: int, fresh: bool,
                 augment_dim: int) -> tuple[Config, list[str]]:
     """``cfg`` with what a run takes from its data, and the lines that say so.

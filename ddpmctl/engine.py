@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import plots, rundir
+from . import checkpoints, plots, rundir
 from .augment import AUGMENT_DIM
-from .classes import fit_to_data
+from .classes import fit_to_data, saved_network
 from .config import Config, dump_yaml, to_dict, with_absolute_paths
 from .data import BatchStream, build_dataset
 from .errors import ConfigError, TrainingStopped
@@ -163,6 +163,8 @@ class Trainer:
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
         # A new network takes its classes (and dropout) from the data; a resumed or fine-tuned one has its own.
         fresh = resume_path is None and not cfg.training.init_from
+        if resume_path is not None:
+            self.cfg = cfg = saved_network(cfg, checkpoints.read_meta(resume_path).get("config", {}))
         classes = cfg.data.classes if fresh else (cfg.model.class_names or "none")
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size, classes)
         names, labels = getattr(dataset, "class_names", ()), getattr(dataset, "labels", ())
