@@ -99,6 +99,12 @@ def fit_to_data(cfg: Config, class_names: tuple[str, ...], labels: Sequence[int]
         notes.append(line)
     if class_names:
         notes.append(f"{describe_classes(class_names, labels)} (one per folder; --classes none trains without them)")
+        width = m.starting_channels * m.channel_multipliers[0]
+        if fresh and m.norm_groups is None and 32 % width == 0:
+            # One channel per GroupNorm group subtracts each channel's mean, and with it the time and class
+            # embedding every residual block adds as a per-channel offset (docs/classes.md).
+            notes.append(f"the {width}-channel layers normalise each channel alone, which cancels the class "
+                         f"embedding there: --norm-groups {max(1, m.starting_channels // 4)} keeps several in each group")
     return (apply_overrides(cfg, over) if over else cfg), notes
 
 

@@ -324,6 +324,7 @@ def test_small_datasets_get_dropout_and_a_recommendation(tmp_path: Path) -> None
     text = " ".join(result.output.split())
     assert "dropout 0.1 (16 images, under 10,000; --dropout to change); --augment 0.12 is recommended" in text
     assert "2 classes: discs (8), squares (8) (one per folder; --classes none trains without them)" in text
+    assert "the 8-channel layers normalise each channel alone" in text and "--norm-groups 2" in text
     assert yaml.safe_load((tmp_path / "working" / "tiny" / "config.yaml").read_text())["model"]["dropout"] == 0.1
     result = runner.invoke(app, ["train", *tiny_args(data, tmp_path, steps=1), "--experiment-name", "plain",
                                  "--classes", "none", "--dropout", "0"])
