@@ -330,3 +330,34 @@ def test_small_datasets_get_dropout_and_a_recommendation(tmp_path: Path) -> None
                                  "--classes", "none", "--dropout", "0"])
     assert result.exit_code == 0, result.output
     assert "classes" not in result.output and "dropout" not in result.output
+
+
+def test_evaluate_draws_classes_in_proportion_to_the_reference_folders(trained: Path, shapes: Path,
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    from ddpmctl import evaluate as ev
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["labels"])
+        return iter_samples(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "iter_samples", spy)
+    class Pooled(torch.nn.Module):  # stands in for Inception: uint8 (B, 3, H, W) -> (B, 12)
+        num_features = 12
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
+
+    result = ev.evaluate(load_model(trained, device="cpu"), shapes, 6, sampler="ddim", steps=2, extractor=Pooled(),
+                         cache_dir=tmp_path)
+    assert result.num_generated == 6 and seen == [[0, 0, 0, 1, 1, 1]]  # 32 discs, 32 squares
+
+
+def test_an_edm_class_conditional_run_samples_with_heun_and_guidance(tmp_path: Path) -> None:
+    data = make_demo_dataset(tmp_path / "data", num_images=8, size=16, classes=2)
+    assert runner.invoke(app, ["train", *tiny_args(data, tmp_path, steps=2), "--formulation", "edm",
+                               "--norm-groups", "2"]).exit_code == 0
+    result = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "working" / "tiny"), "--out",
+                                 str(tmp_path / "s"), "--num", "2", "--steps", "2", "--class", "discs", "--device", "cpu"])
+    assert result.exit_code == 0 and "heun" in result.output, result.output
