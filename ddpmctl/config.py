@@ -44,13 +44,15 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] | None = None  # resolutions with self-attention; none given: after every downsampling
     num_heads: int = 4  # attention heads
     bottleneck_blocks: int = 2  # residual blocks at the lowest resolution (attention sits between them)
-    dropout: float = 0.0  # dropout inside residual blocks (the DDPM paper used 0.1 on CIFAR-10)
+    dropout: float | None = None  # dropout inside residual blocks; none given: 0.1 below 10,000 training images, else 0
     time_embedding_silu: bool = True  # SiLU on the time embedding before each block's projection (Ho et al.); off: older runs
     time_embedding_freq_shift: int = 0  # time embedding frequencies exp(-ln(1e4) i / (C/2 - this)); Ho et al.'s code: 1
     downsample_padding: Literal["both", "after"] = "both"  # downsampling pads all sides, or right/bottom (Ho et al.'s)
     norm_groups: int | None = None  # GroupNorm groups in every layer; none given: gcd(32, channels) per layer
     norm_eps: float = 1e-6  # GroupNorm epsilon
     attention_head_dim: int | None = None  # channels per attention head (heads = channels / this); none: num_heads heads
+    class_names: tuple[str, ...] = ()  # the classes of a class-conditional model, set from the data's class folders
+    augment_dim: int = 0  # inputs telling the network which augmentation was applied (set by --augment)
 
 
 @dataclass
@@ -71,6 +73,8 @@ class DataConfig:
     path_to_data: str | None = None  # folder of training images (searched recursively), or a prepared folder
     num_workers: int = 4  # DataLoader worker processes; 0 loads in the main process
     random_flip: bool = True  # flip half the images left-right (done on the device)
+    classes: Literal["auto", "none"] = "auto"  # auto: one level of subfolders are classes (2+ folders, no loose images)
+    augment: float = 0.0  # probability of each non-leaking augmentation (Karras et al. 2022); 0.12 helps small sets
 
 
 @dataclass
@@ -82,6 +86,7 @@ class TrainingConfig:
     warmup_steps: int = 5000  # optimizer steps of linear learning-rate warmup
     weight_decay: float = 1e-4  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping threshold; 0 turns clipping off
+    class_dropout: float = 0.1  # class-conditional runs: share of labels dropped, so one network also learns unconditional
     ema_decay: float = 0.9999  # EMA decay of the weights; 0 turns EMA off
     ema_warmup: bool = True  # ramp the EMA up (decay (1+n)/(10+n); half-life over 5% of the images): early samples are not noise
     ema_halflife_images: int | None = None  # EMA half-life in images seen (Karras et al.), replaces ema_decay; batch-size proof

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from .errors import DataError, DdpmctlWarning
 from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
+from .labeled import batch_images, with_labels
 from .prepared import PACK_FILE, pack_digest, prepared_files, read_manifest
 
 # Scanning and conversion (images.py) are shared with `ddpmctl prepare`.
@@ -181,31 +182,36 @@ def data_root(path: str | Path | None) -> Path:
     return root
 
 
-def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]:
+def build_dataset(path: str | Path | None, img_size: int, classes: str | tuple[str, ...] = "auto"
+                  ) -> tuple[Dataset, str]:
     """The training dataset for ``path`` and a one-line description of how it is read.
 
     ``path`` may be a folder prepared by ``ddpmctl prepare`` (its manifest is checked against
     ``img_size``; a packed array is memory-mapped), a packed ``.npy`` file, or any folder of images
     (decoded and resized on the fly; the description then carries a hint to run ``prepare``).
+    ``classes`` (labeled.with_labels): "auto", "none", or the class names a trained network needs; a
+    dataset with classes has ``class_names`` and serves ``(image, label)`` items.
     """
     root = data_root(path)
     if root.is_file() and root.suffix.lower() == ".npy":
         dataset = PackedDataset(root, img_size)
         if len(dataset) == 0:
             raise DataError(f"{root} holds no images")
-        return dataset, (f"{len(dataset)} images from {root} ({img_size}px, packed, memory-mapped, "
-                         "read in the training process)")
+        return with_labels(dataset, None, classes), (f"{len(dataset)} images from {root} ({img_size}px, packed, "
+                                                     "memory-mapped, read in the training process)")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass --path-to-data with a folder of images")
     manifest = read_manifest(root)
     if manifest is not None:
-        return _prepared_dataset(root, manifest, img_size)
+        dataset, desc = _prepared_dataset(root, manifest, img_size)
+        return with_labels(dataset, sorted(manifest["images"]), classes, manifest.get("classes")), desc
     dataset = ImageFolderDataset(root, img_size)
     if len(dataset) == 0:
         raise DataError(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
         )
-    return dataset, (f"{len(dataset)} images from {root}, resized to {img_size}px on the fly (hint: "
+    rels = [f.relative_to(root).as_posix() for f in dataset.files]
+    return with_labels(dataset, rels, classes), (f"{len(dataset)} images from {root}, resized to {img_size}px on the fly (hint: "
                      f"'ddpmctl prepare {root} DST --size {img_size} --pack' checks them once and makes loading much faster)")
 
 
@@ -284,7 +290,7 @@ class BatchStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._it = None
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         while True:
             if self._it is None:
                 if self.position >= self.sampler.num_samples:
@@ -299,7 +305,7 @@ class BatchStream:
                 continue
             except DataError as exc:  # from a worker, torch adds its traceback to the message: keep the user's line
                 raise type(exc)(worker_message(exc)) from None
-            self.position += batch.shape[0]
+            self.position += batch_images(batch).shape[0]
             return batch
 
     def __iter__(self) -> BatchStream:
@@ -317,8 +323,14 @@ class BatchStream:
 PALETTE = [(230, 57, 70), (241, 196, 15), (46, 204, 113), (52, 152, 219), (155, 89, 182), (236, 240, 241)]
 
 
-def draw_demo_image(rng: np.random.Generator, size: int) -> Image.Image:
-    """One procedurally drawn picture: a bold shape (circle, square or triangle) on a two-tone background."""
+DEMO_CLASSES = ("discs", "squares", "triangles")  # the shapes, in draw_demo_image's order
+
+
+def draw_demo_image(rng: np.random.Generator, size: int, shape: int | None = None) -> Image.Image:
+    """One procedurally drawn picture: a bold shape (disc, square or triangle) on a two-tone background.
+
+    ``shape``: the index in DEMO_CLASSES to draw; None: a random one (the same random draws either way).
+    """
     scale = 4  # draw large, then downsample, for antialiased edges
     s = size * scale
     top = tuple(int(c) for c in rng.integers(10, 90, size=3))
@@ -330,7 +342,8 @@ def draw_demo_image(rng: np.random.Generator, size: int) -> Image.Image:
     color = PALETTE[int(rng.integers(len(PALETTE)))]
     radius = s * rng.uniform(0.22, 0.34)
     cx, cy = s * rng.uniform(0.38, 0.62), s * rng.uniform(0.38, 0.62)
-    kind = int(rng.integers(3))
+    drawn = int(rng.integers(3))  # drawn even when the shape is given, so the random stream stays the same
+    kind = drawn if shape is None else shape
     if kind == 0:
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
     elif kind == 1:
@@ -342,13 +355,22 @@ def draw_demo_image(rng: np.random.Generator, size: int) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def make_demo_dataset(dst: str | Path, num_images: int = 2000, size: int = 32, seed: int = 0) -> Path:
-    """Write ``num_images`` demo PNGs into ``dst`` (skipped if already complete); returns ``dst``."""
+def make_demo_dataset(dst: str | Path, num_images: int = 2000, size: int = 32, seed: int = 0,
+                      classes: int = 0) -> Path:
+    """Write ``num_images`` demo PNGs into ``dst`` (skipped if already complete); returns ``dst``.
+
+    ``classes`` (2 or 3): one folder per shape instead (discs/, squares/, triangles/: the first ``classes`` of
+    DEMO_CLASSES), image i drawing shape i mod ``classes``: a class-conditional training set.
+    """
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    if len(list(dst.glob("*.png"))) >= num_images:
+    names = DEMO_CLASSES[:classes]
+    for name in names or [""]:
+        (dst / name).mkdir(parents=True, exist_ok=True)
+    if len(list(dst.glob("*/*.png" if names else "*.png"))) >= num_images:
         return dst
     rng = np.random.default_rng(seed)
     for i in range(num_images):
-        draw_demo_image(rng, size).save(dst / f"shape_{i:05d}.png")
+        shape = i % len(names) if names else None
+        folder = dst / names[shape] if names else dst
+        draw_demo_image(rng, size, shape).save(folder / f"shape_{i:05d}.png")
     return dst

@@ -278,7 +278,7 @@ def unet_config(m: ModelConfig) -> dict[str, Any]:
         "sample_size": m.img_size, "block_out_channels": [m.starting_channels * k for k in m.channel_multipliers],
         "layers_per_block": m.num_res_blocks, "down_block_types": down,
         "up_block_types": [ATTN_UP if d == ATTN_DOWN else UP for d in reversed(down)],
-        "downsample_padding": 0 if m.downsample_padding == "after" else 1, "dropout": m.dropout,
+        "downsample_padding": 0 if m.downsample_padding == "after" else 1, "dropout": m.dropout or 0.0,
         "act_fn": "silu", "attention_head_dim": head_dim, "norm_num_groups": norms[0][0], "attn_norm_num_groups": None,
         "norm_eps": norms[0][1], "flip_sin_to_cos": False, "freq_shift": m.time_embedding_freq_shift,
         "time_embedding_dim": None, "num_train_timesteps": None,

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import plots, rundir
+from . import checkpoints, plots, rundir
+from .augment import AUGMENT_DIM
+from .classes import fit_to_data, saved_network
 from .config import Config, dump_yaml, to_dict, with_absolute_paths
 from .data import BatchStream, build_dataset
 from .errors import ConfigError, TrainingStopped
@@ -28,6 +30,7 @@ from .events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepSta
 from .files import missing_folders, remove_empty_folders, write_text_atomic
 from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
+from .labeled import batch_images
 from .layout import LOSS_PLOT, METRICS, RUN_CONFIG, grid_name
 from .machine import device_notes
 from .memorization import check_samples
@@ -46,16 +49,20 @@ from .runtime import (
     resolve_precision,
     select_device,
 )
-from .sampling import progression_grid, sample, sampling_network, save_png, to_uint8
+from .sampling import DEFAULT_GUIDANCE, MAX_CLASS_ROWS, progression_grid, sample, sampling_network, save_png, to_uint8
 from .step import StepResult
 from .validation import check_attention_resolutions
 
 
 def evaluation_noise(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
-    """Fixed x_T and sampler generator, so grids from different steps are comparable."""
+    """Fixed x_T and sampler generator, so grids from different steps are comparable.
+
+    A row per sample: num_generations of them, or one per class (the first MAX_CLASS_ROWS) for a class-conditional run.
+    """
     gen = torch.Generator(device="cpu").manual_seed(cfg.run.seed + 1_000_003)
-    size = cfg.model.img_size
-    noise = torch.randn((cfg.sampling.num_generations, 3, size, size), generator=gen)
+    size, classes = cfg.model.img_size, len(cfg.model.class_names)
+    rows = min(classes, MAX_CLASS_ROWS) if classes else cfg.sampling.num_generations
+    noise = torch.randn((rows, 3, size, size), generator=gen)
     step_gen = torch.Generator(device=generator_device(device)).manual_seed(cfg.run.seed + 2_000_003)
     return noise.to(device), step_gen
 
@@ -167,7 +174,16 @@ class Trainer:
         if cfg.sampling.sampler == "ddpm" and cfg.sampling.sampling_steps is not None:
             self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
-        dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
+        # A new network takes its classes (and dropout) from the data; a resumed or fine-tuned one has its own.
+        fresh = resume_path is None and not cfg.training.init_from
+        if resume_path is not None:
+            self.cfg = cfg = saved_network(cfg, checkpoints.read_meta(resume_path).get("config", {}))
+        classes = cfg.data.classes if fresh else (cfg.model.class_names or "none")
+        dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size, classes)
+        names, labels = getattr(dataset, "class_names", ()), getattr(dataset, "labels", ())
+        self.cfg, fitted = fit_to_data(cfg, names, labels, len(dataset), fresh, AUGMENT_DIM)
+        self.notes += fitted
+        cfg = self.cfg
         self.dataset, self.copies_reference = dataset, None  # the memorization check's, built at the first grid
         self.parts = build_parts(cfg, self.device, self.precision, self.dist, weights)
         # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
@@ -238,7 +254,8 @@ class Trainer:
                 batches = [next(self.stream) for _ in range(t.gradient_accumulation_steps)]
                 result = self.parts.step.step(batches)
                 state.step += 1
-                window.add(result, sum(b.shape[0] for b in batches) * self.dist.world_size)  # a short last batch too
+                images = sum(batch_images(b).shape[0] for b in batches)  # a short last batch too
+                window.add(result, images * self.dist.world_size)
                 if self.parts.step.graph_note:
                     self.emit(Note(self.parts.step.graph_note))
                     self.parts.step.graph_note = None
@@ -318,10 +335,13 @@ class Trainer:
         was_training = net.training
         net.eval()
         noise, gen = evaluation_noise(self.cfg, self.device)
+        conditional = bool(self.cfg.model.class_names)  # then row i shows class i
         result = sample(
             sampling_network(net, self.parts.schedule), self.parts.schedule, noise, sampler=s.sampler,
             steps=s.sampling_steps, eta=s.eta, generator=gen, record_every=s.plot_freq_interval, max_frames=24,
             autocast=self.precision.autocast,
+            labels=torch.arange(noise.shape[0], device=self.device) if conditional else None,
+            guidance=DEFAULT_GUIDANCE if conditional else 0.0,
         )
         net.train(was_training)
         release_cached_memory(self.device)  # the grid's shapes are not training's: MPS would keep their blocks

@@ -17,13 +17,14 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .classes import folder_counts, proportional_labels
 from .errors import DataError, EvaluationError
 from .files import atomic_path
 from .inception import extractor_id, featurise, load_inception
@@ -191,6 +192,8 @@ def evaluate(
     memorization: bool = False,
     out_dir: str | Path | None = None,
     on_training: Callable[[int, int], None] | None = None,
+    labels: Sequence[int] | None = None,
+    guidance: float | None = None,
 ) -> EvalResult:
     """Generate ``num`` images from ``loaded`` and score them against ``data_dir`` (FID, KID).
 
@@ -199,7 +202,12 @@ def evaluate(
     ``memorization`` adds the nearest-training-image report (memorization.py), written into ``out_dir``
     (default RUN/evaluate/step_<N>); with it, FID/KID that cannot be computed (no weights and no network,
     no torchmetrics) are skipped with the reason in ``fid_skipped`` instead of failing. ``fid=False`` skips them on purpose.
+    A class-conditional model draws classes ``labels`` (default: in proportion to ``data_dir``'s class folders,
+    else in turn) with classifier-free guidance ``guidance`` (inference.iter_samples).
     """
+    names = loaded.config.model.class_names
+    if names and labels is None:
+        labels = proportional_labels(folder_counts(Path(data_dir), names), num)
     if not fid and not memorization:
         raise EvaluationError("--no-fid leaves nothing to evaluate: add --memorization")
     if fid and num < 2:
@@ -227,7 +235,8 @@ def evaluate(
                                  batch_size=batch_size, cache_dir=cache_dir, on_progress=on_reference,
                                  extractor_key=ident)
     chunks, generated = [], 0
-    for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample):
+    for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, on_progress=on_sample, labels=labels,
+                              guidance=guidance):
         pixels = to_uint8(batch.images)  # what the PNGs of `ddpmctl sample` hold
         generated += pixels.shape[0]
         if fid:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from .runtime import (
     select_device,
 )
 from .sampling import (
+    DEFAULT_GUIDANCE,
+    MAX_CLASS_ROWS,
     SampleResult,
     SamplingGraphs,
     progression_grid,
@@ -127,15 +129,25 @@ def iter_samples(
     plot_freq_interval: int | None = None,
     max_frames: int = 24,
     on_progress: Callable[[SampleProgress], None] | None = None,
+    labels: Sequence[int] | None = None,
+    guidance: float | None = None,
 ) -> Iterator[SampledBatch]:
     """Yield ``num`` samples in batches of at most ``batch_size``, halving the batch if memory runs out.
 
     Image i's x_T and per-step noise come from (seed, i) alone, so the same seed gives the same images
     on the same device whatever the batch size (up to floating-point differences between batch shapes).
-    With ``record_first`` the first batch also records progression frames.
+    With ``record_first`` the first batch also records progression frames. A class-conditional model draws
+    image i of class ``labels[i]`` (default: the classes in turn, i mod their number) with classifier-free
+    guidance ``guidance`` (default: DEFAULT_GUIDANCE).
     """
     if num < 1:
         return
+    classes = len(loaded.config.model.class_names)
+    if classes:
+        labels = list(labels) if labels is not None else [i % classes for i in range(num)]
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    elif labels is not None or guidance:
+        raise ValueError("labels and guidance need a class-conditional model")
     size = loaded.config.model.img_size
     n_steps = len(sampler_timesteps(loaded.schedule.num_steps, sampler, steps))
     every = plot_freq_interval or loaded.config.sampling.plot_freq_interval
@@ -156,10 +168,12 @@ def iter_samples(
                 note = None
 
         try:
+            batch_labels = None if not classes else torch.tensor(labels[start:start + n], device=loaded.device)
             result = sample(
                 loaded.model, loaded.schedule, noise, sampler=sampler, steps=steps, eta=eta, generator=gens,
                 record_every=every, max_frames=max_frames, record=record_first and start == 0,
                 autocast=loaded.precision.autocast, callback=progress, graphs=loaded.graphs,
+                labels=batch_labels, guidance=guidance or 0.0,
             )
             if loaded.graphs is not None and loaded.graphs.failed and loaded.graphs.failed not in loaded.notes:
                 loaded.notes.append(loaded.graphs.failed)
@@ -231,13 +245,21 @@ def generate(
     grid_rows: int = 8,
     force: bool = False,
     on_progress: Callable[[SampleProgress], None] | None = None,
+    class_index: int | None = None,
+    guidance: float | None = None,
 ) -> GenerateResult:
     """Write ``num`` PNGs (sample_00000.png, ...) into ``out_dir``, each atomically.
 
     ``grid`` adds progression.png (noise to image, a row per sample, at most ``grid_rows`` rows);
     ``contact_sheet`` adds samples.png, all images (up to 256) tiled in one picture. An ``out_dir`` that
     already holds such files is refused unless ``force``, which deletes them first.
+    A class-conditional model draws class ``class_index``, or, when None, the classes in turn: both
+    pictures then show one row per class (the first MAX_CLASS_ROWS of them in progression.png).
+    ``guidance``: the classifier-free guidance scale (default: DEFAULT_GUIDANCE).
     """
+    classes = len(loaded.config.model.class_names)
+    per_class = classes > 0 and class_index is None
+    labels = [class_index] * num if class_index is not None else [i % classes for i in range(num)] if classes else None
     out = Path(out_dir).expanduser()
     earlier = earlier_outputs(out, force)
     try:
@@ -258,17 +280,24 @@ def generate(
             on_progress(p)
 
     for batch in iter_samples(loaded, num, sampler, steps, eta, seed, batch_size, record_first=grid,
-                              plot_freq_interval=plot_freq_interval, on_progress=track):
+                              plot_freq_interval=plot_freq_interval, on_progress=track, labels=labels,
+                              guidance=guidance):
         if first is None:
             first = batch.result
         if contact_sheet and len(sheet) < 256:
             sheet.extend(batch.images[: 256 - len(sheet)])
         for i, img in enumerate(batch.images):
             res.images.append(save_png(img, out / f"sample_{batch.start + i:0{digits}d}.png"))
-    if sheet:
+    if sheet and per_class:  # a row per class: image i is of class i mod classes, short rows padded white
+        rows_of = [sheet[k::classes] for k in range(classes)]
+        width = max(len(r) for r in rows_of)
+        blank = torch.ones_like(sheet[0])
+        res.sheet = save_png(tile(torch.stack([r[j] if j < len(r) else blank for r in rows_of for j in range(width)]),
+                                  width), out / "samples.png")
+    elif sheet:
         res.sheet = save_png(tile(torch.stack(sheet), math.ceil(math.sqrt(len(sheet)))), out / "samples.png")
     if grid and first is not None:
-        rows = min(first.images.shape[0], grid_rows)
+        rows = min(first.images.shape[0], min(classes, MAX_CLASS_ROWS) if per_class else grid_rows)
         first = SampleResult(first.images[:rows], [f[:rows] for f in first.frames],
                              [f[:rows] for f in first.frames_x0], first.frame_steps)
         res.grid = save_png(progression_grid(first, show_x0), out / "progression.png")

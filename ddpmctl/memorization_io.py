@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import descriptor
 from .data import ImageFolderDataset, PackedDataset, build_dataset
 from .errors import DataError, DdpmctlError
+from .labeled import batch_images
 from .memorization import (
     PIXEL_SIZE,
     REAL_MAX,
@@ -67,8 +68,9 @@ def read_images(dataset: Dataset, batch_size: int = 256, num_workers: int = 2,
                         collate_fn=getattr(dataset, "collate_fn", None), generator=torch.Generator())
     chunks, done = [], 0
     for batch in loader:
-        chunks.append(pixel_view(batch))
-        done += batch.shape[0]
+        images = batch_images(batch)  # a class-conditional set's batches carry labels
+        chunks.append(pixel_view(images))
+        done += images.shape[0]
         if on_progress is not None:
             on_progress(done, len(dataset))
     return torch.cat(chunks)
@@ -90,7 +92,7 @@ def reference_for_dataset(dataset: Dataset, img_size: int, device: torch.device 
 
 def _full_size(dataset: Dataset, img_size: int) -> Callable[[int], torch.Tensor] | None:
     """Training image i at full size for nearest.png, when the reference keeps smaller ones."""
-    return (lambda i: dataset[i]) if img_size > PIXEL_SIZE else None
+    return (lambda i: batch_images(dataset[i])) if img_size > PIXEL_SIZE else None
 
 
 def dataset_files(dataset: Dataset) -> list[Path]:

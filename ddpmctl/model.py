@@ -202,7 +202,7 @@ class UNet(nn.Module):
         norm = functools.partial(group_norm, groups=cfg.norm_groups, eps=cfg.norm_eps)
 
         def block(i: int, o: int, attn: bool) -> Block:
-            return Block(i, o, temb_dim, cfg.dropout, attn, attention_heads(cfg, o), norm)
+            return Block(i, o, temb_dim, cfg.dropout or 0.0, attn, attention_heads(cfg, o), norm)
 
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.stem = nn.Conv2d(3, ch, 3, padding=1)
@@ -233,8 +233,25 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.starting_channels, self.config.time_embedding_freq_shift))
+        # Conditioning, created last so that the layers above draw the same initial weights with or without it.
+        # Classes: a learned vector per class added to the time embedding (guided-diffusion, as in Ho & Salimans'
+        # classifier-free guidance), one more for "no class" (index num_classes; label -1 asks for it).
+        self.num_classes = len(cfg.class_names)
+        self.class_embedding = nn.Embedding(self.num_classes + 1, temb_dim) if self.num_classes else None
+        # Augmentations (Karras et al. 2022, App. F.2): a linear map without bias, so "no augmentation" (zeros, what
+        # sampling passes) adds nothing; it enters before the time MLP, as in EDM's networks.py.
+        self.augment_embedding = nn.Linear(cfg.augment_dim, ch, bias=False) if cfg.augment_dim else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``class_labels`` (B,) class indices, -1 or None for no class; ``augment_labels`` (B, augment_dim) or None."""
+        emb = timestep_embedding(t, self.config.starting_channels, self.config.time_embedding_freq_shift)
+        if self.augment_embedding is not None and augment_labels is not None:
+            emb = emb + self.augment_embedding(augment_labels.to(emb.dtype))
+        temb = self.temb(emb)
+        if self.class_embedding is not None:
+            labels = torch.full((x.shape[0],), -1, device=x.device) if class_labels is None else class_labels
+            temb = temb + self.class_embedding(torch.where(labels < 0, self.num_classes, labels))
         if self.config.time_embedding_silu:  # Ho et al.: each block projects nonlinearity(temb); applied once here
             temb = F.silu(temb)
         temb = temb.to(x.dtype)

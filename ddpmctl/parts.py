@@ -75,6 +75,8 @@ def build_parts(cfg: Config, device: torch.device, precision: Precision, dist_in
         model, train_model, schedule, precision, optimizer, scheduler, device, ema=ema,
         loss_fn=cfg.diffusion.loss_fn, loss_weighting=cfg.diffusion.loss_weighting,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, random_flip=cfg.data.random_flip, channels_last=channels_last,
+        # a network without augmentation inputs (doctor's probe of a --config with augment) trains unaugmented
+        augment=cfg.data.augment if cfg.model.augment_dim else 0.0, class_dropout=cfg.training.class_dropout,
         accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm, ddp=ddp, grad_sync=grad_sync,
         cuda_graph=t.cuda_graph, graph_batch=t.batch_size, checkpointing=t.gradient_checkpointing,
         fixed_shape=device.type == "mps",

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from .classes import class_folders, describe_classes, folder_labels
 from .errors import DataError
 from .files import atomic_path
 from .host import cpu_cores
@@ -133,6 +134,7 @@ class PrepareResult:
     removed: int = 0  # outputs deleted because their source is gone
     small: list[str] = field(default_factory=list)  # sources smaller than size (upscaled or skipped, see settings.small)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of files that could not be used
+    classes: str = ""  # "2 classes: discs (30), squares (32)" when SRC's folders are classes (--classes auto)
     pack: Path | None = None  # the packed array, if there is one
     pack_written: bool = False  # True if this run (re)wrote it
     report: Path | None = None
@@ -156,12 +158,14 @@ def _check_settings(manifest: dict[str, Any], s: Settings, dst: Path) -> None:
 
 def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center", small: str = "upscale",
             background: tuple[int, int, int] = (255, 255, 255), workers: int | None = None, pack: bool | None = None,
-            force: bool = False, on_progress: ProgressFn | None = None) -> PrepareResult:
+            force: bool = False, classes: str = "auto", on_progress: ProgressFn | None = None) -> PrepareResult:
     """Convert every image under ``src`` into ``dst`` (only new or changed ones on a rerun); see the module doc.
 
     ``pack``: True writes the packed array, False removes it, None keeps one up to date if it exists.
     Outputs whose source is gone from ``src`` are deleted, so a ``dst`` prepared from another folder is
     refused unless ``force``; and when ``src`` yields no usable image, nothing in ``dst`` is deleted.
+    ``classes``: "auto" records SRC's first-level folders as classes in the manifest when every image sits
+    in one of two or more (classes.class_folders); "none" records none.
     Raises DataError for a missing ``src``, changed settings, another source, or when no usable image was found.
     """
     started = time.perf_counter()
@@ -171,6 +175,8 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
         raise DataError(f"--crop must be one of {', '.join(CROPS)}, not {crop!r}")
     if small not in SMALL_POLICIES:
         raise DataError(f"--small must be one of {', '.join(SMALL_POLICIES)}, not {small!r}")
+    if classes not in ("auto", "none"):
+        raise DataError(f"--classes must be auto or none, not {classes!r}")
     if size < 1:
         raise DataError(f"--size must be a positive number of pixels, not {size}")
     if not src.exists():
@@ -196,6 +202,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     sources = find_images(src, exclude=dst)
     rels = [p.relative_to(src).as_posix() for p in sources]
     progress("scan", len(sources), len(sources))
+    names = class_folders(rels) if classes == "auto" else ()
     if not sources and old_images:  # an empty SRC (a drive that is not mounted?) must not wipe the prepared set
         raise DataError(f"no images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
                         f"recursively); the {_count(len(old_images), 'image')} prepared in {dst} {_left(len(old_images))}")
@@ -234,7 +241,7 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
     def manifest_now() -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "size": size, "crop": crop, "small": small,
                 "background": list(settings.background), "source": str(src.resolve()),
-                "count": len(images), "images": {k: images[k] for k in sorted(images)},
+                "count": len(images), "classes": list(names), "images": {k: images[k] for k in sorted(images)},
                 "pack": old.get("pack") if old else None}
 
     stale: list[Path] = []  # outputs of sources that became unusable
@@ -275,6 +282,8 @@ def prepare(src: str | Path, dst: str | Path, size: int, *, crop: str = "center"
 
     result.small = sorted(set(result.small) | {rel for rel, e in images.items() if e.get("small")})
     result.count = len(images)
+    if names and images:
+        result.classes = describe_classes(names, folder_labels(sorted(images), names))
     manifest = manifest_now()
     manifest["rejected"] = [{"source": rel, "reason": reason} for rel, reason in result.rejected]
     if result.count:

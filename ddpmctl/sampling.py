@@ -24,6 +24,13 @@ GRID_PAD = 2  # white pixels between the tiles of a progression grid
 
 # One generator for the whole batch, or one per image (then each image's noise is independent of the batch).
 Generators = torch.Generator | Sequence[torch.Generator] | None
+Network = Callable[..., torch.Tensor]  # (x_t, t[, class labels]) -> the network's prediction
+
+# Classifier-free guidance scale w of class-conditional sampling when none is given, from benchmarks/guidance_scale.py
+# (docs/classes.md): the smallest w at which the samples' class accuracy reached its top; a larger w moved
+# the samples further from the real images (a Frechet distance that grew with w), as Ho & Salimans 2022 found.
+DEFAULT_GUIDANCE = 1.0
+MAX_CLASS_ROWS = 16  # grids of a class-conditional model show one row per class, for the first this many classes
 
 
 @dataclass
@@ -106,11 +113,11 @@ class EDMDenoiser(nn.Module):
         self.net = net
         self.register_buffer("sigmas", sched.sigmas.clone(), persistent=False)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         sigma = self.sigmas.to(x_t.device)[t]
         c_skip, c_out, c_in, c_noise = diffusion.edm_coefficients(sigma)
         x = x_t.float() * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
-        out = self.net((c_in.view(-1, 1, 1, 1) * x).to(x_t.dtype), c_noise)
+        out = self.net((c_in.view(-1, 1, 1, 1) * x).to(x_t.dtype), c_noise, *cond)  # cond: class labels
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * out.float()
 
 
@@ -119,7 +126,26 @@ def sampling_network(net: nn.Module, sched: Schedule) -> nn.Module:
     return EDMDenoiser(net, sched) if sched.formulation == "edm" else net
 
 
-def _denoise_step(model: nn.Module, sched: Schedule, x: torch.Tensor, t: int, t_prev: int, sampler: str, eta: float,
+def guided(model: Network, labels: torch.Tensor, scale: float) -> Network:
+    """The network as the samplers call it, (x_t, t) -> prediction, for classes ``labels`` (B,) guided by ``scale``.
+
+    Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps~ = (1 + w) eps(x_t, c) - w eps(x_t), the
+    conditional and the unconditional ("no class", label -1) passes in one batch. The two weights sum to
+    one, and v, x_0 and EDM's denoised image are each affine in eps at a given x_t, so the same combination
+    of the network's output is that guidance whatever the model predicts.
+    """
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if scale == 0:
+            return model(x, t, labels)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)]))
+        cond, uncond = out.float().chunk(2)
+        return cond + scale * (cond - uncond)
+
+    return call
+
+
+def _denoise_step(model: Network, sched: Schedule, x: torch.Tensor, t: int, t_prev: int, sampler: str, eta: float,
                   generator: Generators, autocast: Callable[[], contextlib.AbstractContextManager],
                   in_dtype: torch.dtype, last: tuple[torch.Tensor | None, int | None]):
     """One step x_t -> x_{t_prev}: (x_prev, x0_hat, the (x0, t) a second-order sampler keeps for its next step)."""
@@ -166,6 +192,7 @@ class SamplingGraphs:
         self.inputs: tuple | None = None  # the model, schedule and autocast the graph was captured with
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None  # class labels read by the graph (class-conditional models)
         self.static_out: torch.Tensor | None = None
 
     @staticmethod
@@ -173,29 +200,34 @@ class SamplingGraphs:
         return device.type == "cuda" and not record and (sampler in ("dpmpp2m", "heun") or (sampler == "ddim" and eta == 0))
 
     def run(self, model: nn.Module, sched: Schedule, noise: torch.Tensor, sampler: str, timesteps: list[int],
-            autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        key = (tuple(noise.shape), noise.dtype, sampler, tuple(timesteps))
+            autocast: Callable[[], contextlib.AbstractContextManager], labels: torch.Tensor | None = None,
+            guidance: float = 0.0) -> torch.Tensor:
+        key = (tuple(noise.shape), noise.dtype, sampler, tuple(timesteps), labels is None, guidance)
         if key != self.key or (model, sched, autocast) != self.inputs:
             self.reset()  # free the last graph's memory first
             static_in = noise.clone()
+            static_labels = None if labels is None else labels.clone()  # copied into before each replay, as noise
+            net = model if static_labels is None else guided(model, static_labels, guidance)
 
             def loop() -> torch.Tensor:
                 x, last = static_in.float(), (None, None)
                 for i, t in enumerate(timesteps):
                     t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                    x, _, last = _denoise_step(model, sched, x, t, t_prev, sampler, 0.0, None, autocast,
+                    x, _, last = _denoise_step(net, sched, x, t, t_prev, sampler, 0.0, None, autocast,
                                                noise.dtype, last)
                 return x.clamp(-1, 1)
 
             def warmup() -> None:  # one eager step: cuDNN autotuning happens outside the capture
-                _denoise_step(model, sched, static_in.float(), timesteps[0], -1 if len(timesteps) < 2 else timesteps[1],
+                _denoise_step(net, sched, static_in.float(), timesteps[0], -1 if len(timesteps) < 2 else timesteps[1],
                               sampler, 0.0, None, autocast, noise.dtype, (None, None))
 
             graph, static_out = capture_cuda_graph(noise.device, warmup, loop)
             self.key, self.graph, self.static_in, self.static_out = key, graph, static_in, static_out
-            self.inputs = (model, sched, autocast)
+            self.static_labels, self.inputs = static_labels, (model, sched, autocast)
         else:
             self.static_in.copy_(noise)
+            if labels is not None:
+                self.static_labels.copy_(labels)
         self.graph.replay()
         return self.static_out.float().cpu()
 
@@ -215,6 +247,8 @@ def sample(
     callback: Callable[[int, int], None] | None = None,
     record: bool | None = None,
     graphs: SamplingGraphs | None = None,
+    labels: torch.Tensor | None = None,
+    guidance: float = 0.0,
 ) -> SampleResult:
     """Denoise ``noise`` (x_T) into images; records x_t and x0_hat for progression grids.
 
@@ -224,7 +258,8 @@ def sample(
     per-step noise so a seed repeats a run. Frames are recorded when ``record`` is true (default: when
     ``record_every`` is given). ``callback(i, n)`` is called after each of the n steps. With ``graphs``
     on CUDA, a deterministic loop that records nothing runs as one replayed CUDA graph (the callback
-    then hears of all steps at the end).
+    then hears of all steps at the end). A class-conditional model samples classes ``labels`` (B,) on the
+    device, with classifier-free guidance of scale ``guidance`` (:func:`guided`).
     """
     device = noise.device
     timesteps = sampler_timesteps(sched.num_steps, sampler, steps)
@@ -233,7 +268,7 @@ def sample(
     if (graphs is not None and graphs.failed is None and not is_compiled(model)  # see runtime.prepare_for_sampling
             and SamplingGraphs.eligible(device, sampler, eta, record)):
         try:
-            images = graphs.run(model, sched, noise, sampler, timesteps, autocast)
+            images = graphs.run(model, sched, noise, sampler, timesteps, autocast, labels, guidance)
         except DdpmctlError:
             raise
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample eagerly from now on
@@ -246,12 +281,13 @@ def sample(
                 callback(len(timesteps), len(timesteps))
             return SampleResult(images=images)
     recorded = set(record_steps(timesteps, record_every, max_frames, sched.num_steps)) if record else set()
+    net = model if labels is None else guided(model, labels, guidance)
     result = SampleResult(images=noise)
     x = noise.float()
     last: tuple[torch.Tensor | None, int | None] = (None, None)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        x_next, x0, last = _denoise_step(model, sched, x, t, t_prev, sampler, eta, generator, autocast, noise.dtype, last)
+        x_next, x0, last = _denoise_step(net, sched, x, t, t_prev, sampler, eta, generator, autocast, noise.dtype, last)
         if t in recorded:
             result.frames.append(x.float().cpu())
             result.frames_x0.append(x0.float().cpu())

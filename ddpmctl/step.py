@@ -25,9 +25,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import diffusion
+from .augment import augment
 from .diffusion import Schedule
 from .errors import DdpmctlError
 from .gradsync import GradSync, bind_grads
+from .labeled import Batch, batch_images
 from .runtime import Precision, capture_cuda_graph, classify_oom
 from .state import EMA
 
@@ -105,6 +107,8 @@ class TrainStep:
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         random_flip: bool = True,
+        augment: float = 0.0,
+        class_dropout: float = 0.1,
         channels_last: bool = False,
         accumulation: int = 1,
         max_grad_norm: float = 1.0,
@@ -120,6 +124,8 @@ class TrainStep:
         self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         self.loss_fn, self.random_flip, self.channels_last = loss_fn, random_flip, channels_last
+        self.augment = augment  # probability of each non-leaking augmentation (augment.py); 0: none
+        self.class_dropout = class_dropout  # share of class labels replaced by "no class" (classifier-free guidance)
         self.min_snr_gamma = min_snr_gamma if loss_weighting == "min_snr" else None
         self.accumulation = accumulation
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
@@ -132,6 +138,7 @@ class TrainStep:
         self.use_graph = self.graph_wanted  # turned off for good if a capture fails
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None  # the graph's class labels (class-conditional runs)
         self.static_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor | None = None
         self.graph_note: str | None = None  # set if capture failed (on any rank) and the step fell back to eager
         if checkpointing and cuda_graph and device.type == "cuda":
@@ -152,23 +159,31 @@ class TrainStep:
 
     # -- eager ------------------------------------------------------------------------------------
 
-    def micro_batch(self, batch: torch.Tensor, accumulating: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def micro_batch(self, batch: Batch, accumulating: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of one micro-batch, backward included (uint8 -> [-1, 1], flip, noise and target on the device).
 
-        ``rows`` (a device scalar): only the first ``rows`` images count towards the loss and gradients.
+        ``batch``: uint8 images, or (images, class labels) for a class-conditional run. ``rows`` (a device
+        scalar): only the first ``rows`` images count towards the loss and gradients.
         """
-        batch = batch.to(self.device, non_blocking=True)
-        x0 = batch.float().div_(127.5).sub_(1.0)
+        images = batch_images(batch).to(self.device, non_blocking=True)
+        x0 = images.float().div_(127.5).sub_(1.0)
         if self.random_flip:
             flip = torch.rand(x0.shape[0], device=self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cond: dict[str, torch.Tensor] = {}  # what the network is told besides the noise level
+        if self.augment > 0:  # Karras et al. 2022: augment, and say how, so the samples carry none of it
+            x0, cond["augment_labels"] = augment(x0, self.augment)
+        if isinstance(batch, (tuple, list)):  # Ho & Salimans 2022: drop labels, so the net learns p(x) too
+            labels = batch[1].to(self.device, non_blocking=True)
+            dropped = torch.rand(labels.shape[0], device=self.device) < self.class_dropout
+            cond["class_labels"] = torch.where(dropped, -1, labels)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         inputs, level, target, weight = self._example(x0)
         sync = self.ddp.no_sync() if accumulating and self.ddp is not None else contextlib.nullcontext()
         with sync:  # all-reduce gradients only on the last micro-batch
             with self.precision.autocast():
-                pred = self.train_model(inputs, level)
+                pred = self.train_model(inputs, level, **cond)
             if rows is None and weight is None:
                 loss = diffusion.loss_fn(pred, target, self.loss_fn)
             else:
@@ -200,7 +215,7 @@ class TrainStep:
         weight = None if self.min_snr_gamma is None else diffusion.min_snr_weight(sched, t, self.min_snr_gamma)
         return diffusion.q_sample(sched, x0, t, noise), t, target, weight
 
-    def _gradients(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _gradients(self, batches: list[Batch], rows: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of the step's micro-batches, this rank's gradients only: the step's loss."""
         if self.grad_sync is not None:
             self.grad_sync.zero()
@@ -209,23 +224,25 @@ class TrainStep:
         losses = [self.micro_batch(b, accumulating=i < n - 1, rows=r) for i, (b, r) in enumerate(shaped)]
         return losses[0] if n == 1 else torch.stack(losses).mean()
 
-    def _fixed_shapes(self, batches: list[torch.Tensor], rows: torch.Tensor | None
-                      ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _fixed_shapes(self, batches: list[Batch], rows: torch.Tensor | None) -> list[tuple[Batch, torch.Tensor | None]]:
         """(micro-batch, rows that count) pairs. With ``fixed_shape``, a batch shorter than ``graph_batch`` gets
         zero images appended that do not count (``rows``), so the device sees one input shape for the whole run."""
         if not self.fixed_shape or rows is not None or not self.graph_batch:
             return [(b, rows) for b in batches]
         shaped = []
         for b in batches:
-            missing = self.graph_batch - b.shape[0]
+            images = batch_images(b)
+            missing = self.graph_batch - images.shape[0]
             if missing > 0:
-                padded = torch.cat([b, b.new_zeros((missing, *b.shape[1:]))])
-                shaped.append((padded, torch.tensor(float(b.shape[0]), device=self.device)))
+                padded: Batch = torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
+                if isinstance(b, (tuple, list)):  # padded rows take "no class" (-1): they count for nothing anyway
+                    padded = (padded, torch.cat([b[1], b[1].new_full((missing,), -1)]))
+                shaped.append((padded, torch.tensor(float(images.shape[0]), device=self.device)))
             else:
                 shaped.append((b, None))
         return shaped
 
-    def _eager(self, batches: list[torch.Tensor], rows: torch.Tensor | None = None
+    def _eager(self, batches: list[Batch], rows: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._finish(self._gradients(batches, rows))
 
@@ -241,7 +258,7 @@ class TrainStep:
 
     # -- CUDA graph -------------------------------------------------------------------------------
 
-    def _capture(self, batch: torch.Tensor) -> None:
+    def _capture(self, batch: Batch) -> None:
         """Warm up on a side stream, then record forward + backward + clip into one CUDA graph.
 
         With GradSync the graph ends after the backward: the all-reduce and the clip follow each replay.
@@ -249,8 +266,12 @@ class TrainStep:
         The graph holds a fixed batch of ``graph_batch`` images; a shorter batch (an epoch's last) fills
         the first rows and ``static_rows`` says how many count, so every step replays the same graph.
         """
-        rows = self.graph_batch or batch.shape[0]
-        self.static_batch = torch.zeros((rows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
+        images = batch_images(batch)
+        rows = self.graph_batch or images.shape[0]
+        self.static_batch = torch.zeros((rows, *images.shape[1:]), dtype=images.dtype, device=self.device)
+        if isinstance(batch, (tuple, list)):  # class labels get their static rows too
+            self.static_labels = torch.zeros(rows, dtype=torch.long, device=self.device)
+        static: Batch = self.static_batch if self.static_labels is None else (self.static_batch, self.static_labels)
         self.static_rows = torch.zeros((), dtype=torch.float32, device=self.device)
         self._load(batch)
         # The warm-up draws flips, timesteps and noise: put the generator back afterwards, so a resumed run
@@ -261,7 +282,7 @@ class TrainStep:
         def warmup() -> None:
             for _ in range(GRAPH_WARMUP_STEPS):  # gradients only: the weights do not change
                 self.zero_grad(force=True)
-                body([self.static_batch], self.static_rows)
+                body([static], self.static_rows)
             self.zero_grad(force=True)  # the captured backward allocates the gradients from the graph's pool
             # The graph gets a memory pool of its own: hand the warm-up's cached blocks back first, so the
             # peak stays that of one eager step rather than two (what doctor's sizing assumes).
@@ -270,19 +291,22 @@ class TrainStep:
             torch.cuda.set_rng_state(self._rng, self.device)
 
         self.graph, self.static_out = capture_cuda_graph(
-            self.device, warmup, lambda: body([self.static_batch], self.static_rows))
+            self.device, warmup, lambda: body([static], self.static_rows))
         self.graph_grads = [p.grad for p in self.params]
 
-    def _load(self, batch: torch.Tensor) -> None:
+    def _load(self, batch: Batch) -> None:
         """Copy a batch into the graph's input rows (no host wait); rows past it keep old, unused images."""
-        self.static_batch[: batch.shape[0]].copy_(batch, non_blocking=True)
-        self.static_rows.fill_(batch.shape[0])
+        images = batch_images(batch)
+        self.static_batch[: images.shape[0]].copy_(images, non_blocking=True)
+        if self.static_labels is not None:
+            self.static_labels[: images.shape[0]].copy_(batch[1], non_blocking=True)
+        self.static_rows.fill_(images.shape[0])
 
     def _rebind(self) -> None:
         """Point every .grad back at the tensor the graph writes (should anything have replaced it)."""
         bind_grads(self.params, self.graph_grads)
 
-    def forward_backward(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, grad_norm, check) for one optimisation step; the gradients are left unscaled and clipped.
 
         The update may be applied only when ``check`` is finite. Nothing here waits for the device.
@@ -312,7 +336,7 @@ class TrainStep:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def step(self, batches: list[torch.Tensor]) -> StepResult:
+    def step(self, batches: list[Batch]) -> StepResult:
         """One optimisation step over ``batches`` (the micro-batches); waits for the device only on MPS and fp16."""
         loss, grad_norm, check = self.forward_backward(batches)
         if self.distributed:  # every rank takes the same decision: a sum is finite only if every rank's is
@@ -361,7 +385,7 @@ class TrainStep:
         (doctor's probe, which measures one batch size after another; a capture that ran out of memory
         at one size may fit at the next)."""
         if self.graph is not None:
-            self.graph = self.static_out = self.static_batch = self.static_rows = None
+            self.graph = self.static_out = self.static_batch = self.static_rows = self.static_labels = None
             self.graph_grads = []
             self.zero_grad(force=True)
         self.graph_batch, self.use_graph = graph_batch, self.graph_wanted

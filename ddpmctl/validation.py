@@ -42,8 +42,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     non_negative = {
         "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm, "dropout": m.dropout, "ema_decay": t.ema_decay, "eta": s.eta,
-        "bottleneck_blocks": m.bottleneck_blocks, "num_workers": cfg.data.num_workers,
+        "max_grad_norm": t.max_grad_norm, "dropout": m.dropout or 0.0, "ema_decay": t.ema_decay, "eta": s.eta,
+        "bottleneck_blocks": m.bottleneck_blocks, "num_workers": cfg.data.num_workers, "augment": cfg.data.augment,
+        "class_dropout": t.class_dropout, "augment_dim": m.augment_dim,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -64,9 +65,13 @@ def validate(cfg: Config) -> None:
             f"img_size {m.img_size} must be divisible by {factor} for {len(m.channel_multipliers)} stages; "
             "change img_size or channel_multipliers"
         )
-    for name, value in (("dropout", m.dropout), ("ema_decay", t.ema_decay)):
+    for name, value in (("dropout", m.dropout or 0.0), ("ema_decay", t.ema_decay), ("class_dropout", t.class_dropout)):
         if value >= 1:
             raise ConfigError(f"{name} must be below 1, got {value}")
+    if cfg.data.augment > 1:
+        raise ConfigError(f"augment is a probability: at most 1, got {cfg.data.augment} (0.12 is a good start)")
+    if len(set(m.class_names)) != len(m.class_names):
+        raise ConfigError(f"class_names must be distinct, got {', '.join(m.class_names)}")
     if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
         raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
     if d.formulation == "edm" and (d.prediction_type != "epsilon" or d.loss_weighting != "none"):

@@ -22,12 +22,15 @@ from .options import DeviceOpt, MaybeSamplerOpt, PrecisionOpt, plain_help
 from .sample import (
     BatchSizeOpt,
     CheckpointOpt,
+    ClassOpt,
     CompileOpt,
     CudaGraphOpt,
     EtaOpt,
+    GuidanceOpt,
     NoEmaOpt,
     SeedOpt,
     StepsOpt,
+    check_class_options,
     check_sampler_options,
     check_steps,
     default_sampler,
@@ -65,8 +68,14 @@ def evaluate_cmd(
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     cuda_graph: CudaGraphOpt = True,
+    class_: ClassOpt = None,
+    guidance_scale: GuidanceOpt = None,
 ) -> None:
-    """Generate --num images and report FID and KID against the images in --data (--memorization: likely copies)."""
+    """Generate --num images and report FID and KID against the images in --data (--memorization: likely copies).
+
+    A class-conditional model draws its classes in proportion to --data's class folders; --class NAME with
+    --data DIR/NAME scores one class.
+    """
     steps = check_sampler_options(sampler, steps, precision)
     if no_fid and not memorization:
         raise EvaluationError("--no-fid leaves nothing to evaluate: add --memorization")
@@ -76,13 +85,15 @@ def evaluate_cmd(
                         cuda_graph=cuda_graph)
     sampler, steps = default_sampler(loaded, sampler, steps)
     steps = check_steps(steps, loaded, sampler)
+    index = check_class_options(loaded, class_, guidance_scale)
     show = console if not json_out else err_console  # keep stdout clean for --json
     for note in loaded.notes:
         show.print(f"[yellow]note:[/] {note}", highlight=False)
     if not no_fid and inception_weights is None and not default_inception_path().is_file():
         show.print(f"downloading the Inception weights (first use, about 92 MB) into {default_inception_path()}",
                    highlight=False)
-    show.print(f"evaluating {loaded.checkpoint} (step {loaded.step}, {describe(loaded, sampler, steps, eta)}): "
+    show.print(f"evaluating {loaded.checkpoint} (step {loaded.step}, "
+               f"{describe(loaded, sampler, steps, eta, index, guidance_scale)}): "
                f"{num} samples against {data}", highlight=False)
     with contextlib.ExitStack() as stack:
         # disable: not on a terminal the transient bar shows nothing, yet rich would end it with a blank line.
@@ -112,7 +123,8 @@ def evaluate_cmd(
         result = evaluate(loaded, data, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
                           batch_size=batch_size, inception_weights=inception_weights, cache_dir=cache_dir,
                           on_reference=on_reference, on_sample=on_sample, fid=not no_fid, memorization=memorization,
-                          out_dir=out, on_training=on_training)
+                          out_dir=out, on_training=on_training,
+                          labels=None if index is None else [index] * num, guidance=guidance_scale)
     if json_out:
         if result.fid_skipped and result.fid_skipped != "--no-fid":
             err_console.print(f"FID/KID skipped: {result.fid_skipped}", highlight=False)

@@ -25,6 +25,9 @@ from ..errors import ConfigError
 
 CONFIG_PARAM = "config"
 
+# Model options a run takes from its data (class folders, --augment): its config.yaml records them, but they are no flags.
+DERIVED = ("class_names", "augment_dim")
+
 # Click normalises option names with this before matching, so --batch_size finds --batch-size.
 UNDERSCORE_ALIASES = {"token_normalize_func": lambda token: token.replace("_", "-")}
 
@@ -103,6 +106,8 @@ def config_parameters(panel_by_section: bool = True) -> list[inspect.Parameter]:
         )
     ]
     for spec in field_specs():
+        if spec.name in DERIVED:
+            continue
         kebab = spec.name.replace("_", "-")
         panel = f"{spec.section.capitalize()} options" if panel_by_section else None
         if spec.type is bool:

@@ -34,12 +34,16 @@ def prepare_cmd(
                                                    show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="DST was prepared from another SRC: replace its images with "
                                         "those of SRC (outputs of sources not in SRC are deleted)")] = False,
+    classes: Annotated[str, typer.Option("--classes", help="auto: SRC's subfolders are classes when every image sits "
+                                         "in one of two or more (class-conditional training); none: no classes")] = "auto",
 ) -> None:
     """Check, convert and resize every image under SRC into an N x N RGB training set in DST."""
     if crop not in CROPS:
         raise typer.BadParameter(f"must be one of {', '.join(CROPS)}", param_hint="--crop")
     if small not in SMALL_POLICIES:
         raise typer.BadParameter(f"must be one of {', '.join(SMALL_POLICIES)}", param_hint="--small")
+    if classes not in ("auto", "none"):
+        raise typer.BadParameter("must be auto or none", param_hint="--classes")
     color = parse_color(background)
     workers = workers or cpu_cores()
     # Not on a terminal the bar shows nothing (it is transient), yet rich would end it with a blank line on stdout.
@@ -54,7 +58,7 @@ def prepare_cmd(
 
         try:
             result = prepare(src, dst, size, crop=crop, small=small, background=color, workers=workers, pack=pack,
-                             force=force, on_progress=on_progress)
+                             force=force, classes=classes, on_progress=on_progress)
         except KeyboardInterrupt:
             progress.stop()
             raise interrupted("interrupted: the images converted so far are kept; run the same command again to "
@@ -65,6 +69,9 @@ def prepare_cmd(
     console.print(f"[bold]{result.count}[/] {plural(result.count, 'image')} of {size}x{size} in {result.dst}: "
                   f"{result.converted} converted{rate}, {result.unchanged} unchanged, {result.removed} removed",
                   highlight=False)
+    if result.classes:
+        console.print(f"{result.classes} (one per folder of SRC; --classes none to train without them)",
+                      highlight=False, soft_wrap=True)
     if result.small:
         n = len(result.small)
         what = (f"{plural(n, 'was', 'were')} upscaled ({plural(n, 'it', 'they')} may look soft)"

@@ -18,9 +18,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..classes import class_index
 from ..errors import ConfigError
 from ..inference import LoadedModel, SampleProgress, earlier_outputs, generate, load_model
-from ..sampling import SAMPLERS, recommended_sampler
+from ..sampling import DEFAULT_GUIDANCE, SAMPLERS, recommended_sampler
 from .common import console, handle_errors, plural
 from .options import DeviceOpt, MaybeSamplerOpt, PrecisionOpt, plain_help
 
@@ -39,6 +40,13 @@ CompileOpt = Annotated[bool, typer.Option(
                       "(docs/performance.md); on the CPU it works too, but compiling is slow there and pays off "
                       "only for long runs")]
 
+ClassOpt = Annotated[Optional[str], typer.Option(
+    "--class", metavar="NAME|INDEX", help=plain_help("class-conditional models: the class to draw [default: every "
+                                                     "class in turn]"), show_default=False)]
+GuidanceOpt = Annotated[Optional[float], typer.Option(
+    "--guidance-scale", min=0.0, metavar="W", help=plain_help(
+        f"class-conditional models: classifier-free guidance, (1 + W) eps(x, class) - W eps(x); 0 turns it off "
+        f"[default: {DEFAULT_GUIDANCE:g}, measured in docs/classes.md]"), show_default=False)]
 CudaGraphOpt = Annotated[bool, typer.Option(
     "--cuda-graph/--no-cuda-graph", help="CUDA: replay each deterministic DDIM (--eta 0) or DPM-Solver++ loop as one "
                                          "captured CUDA graph")]
@@ -65,6 +73,8 @@ def sample_cmd(
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     cuda_graph: CudaGraphOpt = True,
+    class_: ClassOpt = None,
+    guidance_scale: GuidanceOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="replace the sample_*.png, samples.png and progression.png already in --out "
                         "(they are deleted before sampling)")] = False,
@@ -80,15 +90,16 @@ def sample_cmd(
                         cuda_graph=cuda_graph)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    index = check_class_options(loaded, class_, guidance_scale)
     sampler, steps = default_sampler(loaded, sampler, steps)
     steps = check_steps(steps, loaded, sampler)
     console.print(f"sampling {num} {plural(num, 'image')} from {loaded.checkpoint} (step {loaded.step}, "
-                  f"{describe(loaded, sampler, steps, eta)}) on {loaded.device}, batches of {min(batch_size, num)}",
-                  highlight=False)
+                  f"{describe(loaded, sampler, steps, eta, index, guidance_scale)}) on {loaded.device}, batches of "
+                  f"{min(batch_size, num)}", highlight=False)
     with sampling_progress() as on_progress:
         res = generate(loaded, out, num, sampler=sampler, steps=steps, eta=eta, seed=seed, batch_size=batch_size,
                        grid=grid, contact_sheet=grid, show_x0=show_x0, plot_freq_interval=plot_freq_interval,
-                       force=force, on_progress=on_progress)
+                       force=force, on_progress=on_progress, class_index=index, guidance=guidance_scale)
     replaced = f" (replacing {res.replaced} earlier files)" if res.replaced else ""
     console.print(f"wrote {num} {plural(num, 'image')} to {out}{replaced}", highlight=False)
     if res.grid is not None:
@@ -126,8 +137,22 @@ def check_steps(steps: int | None, loaded: LoadedModel, sampler: str = "ddim") -
     return steps
 
 
-def describe(loaded: LoadedModel, sampler: str, steps: int | None, eta: float) -> str:
+def check_class_options(loaded: LoadedModel, name: str | None, guidance: float | None) -> int | None:
+    """The class index --class names (None: every class in turn), or a ConfigError for a model without classes."""
+    if not loaded.config.model.class_names and (name is not None or guidance is not None):
+        given = "--class" if name is not None else "--guidance-scale"
+        raise ConfigError(f"{given} needs a class-conditional model; {loaded.checkpoint} was trained without classes "
+                          "(train on a folder of class folders to get one)")
+    return None if name is None else class_index(loaded.config.model.class_names, name)
+
+
+def describe(loaded: LoadedModel, sampler: str, steps: int | None, eta: float, index: int | None = None,
+             guidance: float | None = None) -> str:
     weights = "EMA" if loaded.ema else "raw"
+    names = loaded.config.model.class_names
+    if names:
+        which = f"class {names[index]}" if index is not None else f"all {len(names)} classes"
+        weights = f"{which}, guidance {DEFAULT_GUIDANCE if guidance is None else guidance:g}, {weights}"
     d = loaded.config.diffusion
     if sampler == "ddpm":
         what = f"DDPM, all {loaded.schedule.num_steps} steps"
