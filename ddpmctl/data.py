@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import DataError, DdpmctlWarning
-from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
+from .images import IMAGE_EXTENSIONS, describe_error, find_images, is_small, load_square, open_image
 from .prepared import PACK_FILE, pack_digest, prepared_files, read_manifest
 
 # Scanning and conversion (images.py) are shared with `ddpmctl prepare`.
@@ -207,6 +207,40 @@ def build_dataset(path: str | Path | None, img_size: int) -> tuple[Dataset, str]
         )
     return dataset, (f"{len(dataset)} images from {root}, resized to {img_size}px on the fly (hint: "
                      f"'ddpmctl prepare {root} DST --size {img_size} --pack' checks them once and makes loading much faster)")
+
+
+UPSCALE_SAMPLE = 500  # headers read to count small sources: a second or less, however large the folder
+UPSCALE_SHARE = 0.1  # say so when at least this share of them is upscaled
+
+
+def upscale_note(dataset: Dataset, img_size: int, sample: int = UPSCALE_SAMPLE) -> str | None:
+    """One line when many images of a raw folder are smaller than ``img_size`` and will be upscaled on the fly.
+
+    Only the headers are read (Pillow opens lazily), of every file or of ``sample`` files spread evenly over
+    the folder; prepared and packed data were sized by ``ddpmctl prepare``, which reports upscaling itself.
+    """
+    if not isinstance(dataset, ImageFolderDataset) or not dataset.files:
+        return None
+    files = dataset.files
+    if len(files) > sample:
+        files = [files[i * (len(files) - 1) // (sample - 1)] for i in range(sample)]
+    checked, small = 0, []
+    for path in files:
+        try:
+            with open_image(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # the loader says which files it cannot read, once each
+        checked += 1
+        if is_small(w, h, img_size, "center"):
+            small.append(min(w, h))
+    if not small or len(small) < UPSCALE_SHARE * checked:
+        return None
+    typical = max(set(small), key=small.count)
+    of = (f"{len(small)} of the {checked} images" if checked == len(dataset.files)
+          else f"{len(small)} of {checked} images checked (of {len(dataset.files)})")
+    return (f"{of} in {dataset.root} are smaller than {img_size} px (most {typical} px on the shorter side) and are "
+            f"upscaled on the fly, so samples may look soft: train at a smaller --img-size, or add larger images")
 
 
 class ResumableSampler(DistributedSampler):

@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from . import plots, rundir
 from .config import Config, dump_yaml, to_dict, with_absolute_paths
-from .data import BatchStream, build_dataset
+from .data import BatchStream, build_dataset, upscale_note
 from .errors import ConfigError, TrainingStopped
-from .events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
+from .estimate import grid_denoise_steps, grid_note
+from .events import CheckpointSaved, Evaluating, Event, GridProgress, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from .files import missing_folders, remove_empty_folders, write_text_atomic
 from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
@@ -55,6 +56,16 @@ def _wandb_module(cfg: Config) -> Any:
     except ImportError:
         raise ConfigError("--use-wandb needs Weights & Biases: pip install 'ddpmctl[wandb]'") from None
     return wandb
+
+
+def loader_workers(requested: int, dataset: Any) -> tuple[int, str | None]:
+    """The DataLoader workers to start, and a note when that is fewer than ``requested``."""
+    # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
+    # and freezes, so take what there is.
+    cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if requested > cores and not getattr(dataset, "in_process", False):
+        return cores, f"num_workers {requested} is more than the {cores} CPU cores here per process: using {cores}"
+    return requested, None
 
 
 @dataclass
@@ -112,8 +123,9 @@ class LogWindow:
         self.grad_norm = result.grad_norm
         self.steps, self.images, self.images_total = self.steps + 1, self.images + images, self.images_total + images
 
-    def read(self, dist_info: DistInfo) -> dict[str, Any]:
-        """Mean loss (None if every update was skipped), skips, last grad norm, images/s; then start a new window."""
+    def read(self, dist_info: DistInfo, reset: bool = True) -> dict[str, Any]:
+        """Mean loss (None if every update was skipped), skips, last grad norm, images/s; then (``reset``) start a
+        new window. Every rank calls it: under torchrun the loss is averaged over the ranks."""
         loss = self.loss
         if dist_info.enabled:  # each rank's loss is over its own images: report the mean over the ranks
             loss = loss.clone()
@@ -124,6 +136,8 @@ class LogWindow:
         now = time.perf_counter()
         out = {"loss": loss_sum / applied if applied else None, "skipped": int(skipped), "in_row": int(in_row),
                "grad_norm": grad_norm, "steps": self.steps, "images_per_sec": self.images / max(now - self.started, 1e-9)}
+        if not reset:  # a look at the window before its report (the first step): the report still covers it all
+            return out
         self.loss.zero_()
         self.applied.zero_()
         self.skipped.zero_()
@@ -153,14 +167,12 @@ class Trainer:
             self.notes.append(f"sampling_steps {cfg.sampling.sampling_steps} applies to --sampler ddim or dpmpp2m; "
                               f"the grids' ddpm sampler runs all {cfg.diffusion.num_diffusion_timesteps} steps")
         dataset, self.data_desc = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
+        small = upscale_note(dataset, cfg.model.img_size) if self.dist.is_main else None
+        if small:
+            self.notes.append(small)
         self.parts = build_parts(cfg, self.device, self.precision, self.dist)
-        # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
-        # and freezes, so take what there is.
-        workers = cfg.data.num_workers
-        cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if workers > cores and not getattr(dataset, "in_process", False):
-            self.notes.append(f"num_workers {workers} is more than the {cores} CPU cores here per process: using {cores}")
-            workers = cores
+        workers, note = loader_workers(cfg.data.num_workers, dataset)
+        self.notes += [note] if note else []
         self.stream = BatchStream(dataset, t.batch_size, workers, pin_memory=self.device.type == "cuda",
                                   num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.run.seed)
         self.state = RunState(cfg, self.parts, self.stream, self.dist, len(dataset))  # type: ignore[arg-type]
@@ -203,6 +215,7 @@ class Trainer:
         window = LogWindow(self.device)
         self.last_loss: float | None = None
         last_saved, saved_at = self.resumed_from, -1  # what a run resumed at its last step ends with
+        first_step = state.step + 1  # this process's first: its figures show at once, not at the first log interval
         self.parts.step.train_model.train()
         started = time.perf_counter()
         try:
@@ -220,6 +233,11 @@ class Trainer:
                 at_log = state.step % cfg.logging.log_interval == 0
                 if at_log or last:
                     self._report(window, time.perf_counter() - started)
+                elif state.step == first_step:
+                    self._report(window, time.perf_counter() - started, logged=False)
+                if state.step == first_step:  # the grids' sampler and cost, timed by this step
+                    per_image = (time.perf_counter() - started) * self.dist.world_size / max(window.images_total, 1)
+                    self.emit(Note(grid_note(cfg, per_image, state.step - 1)))
                 # Save a checkpoint and a progression grid.
                 at_eval = state.step % cfg.sampling.evaluation_interval == 0
                 if at_eval or last:
@@ -246,10 +264,22 @@ class Trainer:
                                 window.images_total / max(elapsed, 1e-9), state.skipped))
         return TrainResult(state.step, str(last_saved) if last_saved else None, str(self.cfg.run_dir))
 
-    def _report(self, window: LogWindow, elapsed: float) -> None:
-        """Read the window back: skipped-step notes (and the divergence stop), StepStats, a metrics row."""
+    def _report(self, window: LogWindow, elapsed: float, logged: bool = True) -> None:
+        """Read the window back: skipped-step notes (and the divergence stop), StepStats, a metrics row.
+
+        ``logged`` False (the first step of a process, before its first log interval): StepStats only, for the
+        display; the window, the skip count and metrics.jsonl wait for the report at the log interval, so a
+        resumed run logs the same rows as one trained straight through.
+        """
         t, step = self.cfg.training, self.state.step
-        read = window.read(self.dist)
+        read = window.read(self.dist, reset=logged)
+        if not logged:
+            speed = read["images_per_sec"]
+            loss = read["loss"] if read["loss"] is not None else self.last_loss
+            self.emit(StepStats(step, t.num_training_steps, loss, self.parts.scheduler.get_last_lr()[0], speed,
+                                read["grad_norm"], elapsed, (t.num_training_steps - step) * elapsed / read["steps"],
+                                self.state.skipped + read["skipped"], logged=False))
+            return
         if read["skipped"]:
             self.state.skipped += read["skipped"]
             where = f"step {step}" if read["steps"] == 1 else f"steps {step - read['steps'] + 1}-{step}"
@@ -286,14 +316,22 @@ class Trainer:
         if not self.dist.is_main:
             return
         step, s, run_dir = self.state.step, self.cfg.sampling, self.cfg.run_dir
-        self.emit(Evaluating(step))
+        self.emit(Evaluating(step, s.sampler, grid_denoise_steps(self.cfg)))
         net = self.parts.ema.model if self.parts.ema else self.parts.model
         was_training = net.training
         net.eval()
         noise, gen = evaluation_noise(self.cfg, self.device)
+        started, shown = time.perf_counter(), [0.0]
+
+        def progress(done: int, total: int) -> None:  # at most one event a second: the CLI shows the grid's ETA
+            now = time.perf_counter()
+            if done == total or now - shown[0] >= 1.0:
+                shown[0] = now
+                self.emit(GridProgress(step, done, total, now - started, (now - started) / done * (total - done)))
+
         result = sample(
             net, self.parts.schedule, noise, sampler=s.sampler, steps=s.sampling_steps, eta=s.eta, generator=gen,
-            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast,
+            record_every=s.plot_freq_interval, max_frames=24, autocast=self.precision.autocast, callback=progress,
         )
         net.train(was_training)
         path = self.cfg.generated_dir / grid_name(step)

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import config as config_mod
 from ..engine import train
 from ..errors import TrainingStopped
-from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
+from ..estimate import duration
+from ..events import CheckpointSaved, Evaluating, Event, GridProgress, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from ..interrupts import StopFlag
 from ..layout import RUN_CONFIG
 from .common import console, err_console, handle_errors, interrupted, plural
@@ -25,15 +26,13 @@ from .options import with_config_options
 NOT_STARTED = "interrupted before training started; nothing was saved"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _speed(images_per_sec: float) -> str:
+    """Whole images/s, or two significant digits below 10 (a 128 px run on a CPU trains ~1 image/s)."""
+    return f"{images_per_sec:,.0f}" if images_per_sec >= 10 else f"{images_per_sec:.2g}"
 
 
 class TrainDisplay:
@@ -67,15 +66,21 @@ class TrainDisplay:
                 "training", total=event.total_steps, completed=event.start_step, loss="-", lr="-", speed="-", eta="-")
         elif isinstance(event, StepStats):
             self.last = event
+            # The first step's figures (before the first log interval) include start-up costs: an estimate.
+            eta = duration(event.eta) if event.logged else f"~{duration(event.eta)}"
             self.progress.update(
                 self.task, completed=event.step, description="training", loss=_loss(event.loss),
-                lr=f"{event.lr:.2e}", speed=f"{event.images_per_sec:,.0f}", eta=_duration(event.eta),
+                lr=f"{event.lr:.2e}", speed=_speed(event.images_per_sec), eta=eta,
             )
         elif isinstance(event, Evaluating):
-            self.progress.update(self.task, description="sampling grid")
+            what = f" ({event.sampler}, {event.denoise_steps} steps)" if event.sampler else ""
+            self.progress.update(self.task, description=f"sampling grid{what}")
+        elif isinstance(event, GridProgress):
+            self.progress.update(self.task, description=f"sampling grid {event.done}/{event.total}, "
+                                                        f"{duration(event.eta)} left")
         elif isinstance(event, GridSaved):
             self.progress.update(self.task, description="training")
-            loss = f", loss {_loss(self.last.loss)}, {self.last.images_per_sec:,.0f} img/s" if self.last else ""
+            loss = f", loss {_loss(self.last.loss)}, {_speed(self.last.images_per_sec)} img/s" if self.last else ""
             self.progress.console.print(f"step {event.step}{loss}: grid {event.path}", highlight=False, soft_wrap=True)
         elif isinstance(event, CheckpointSaved):
             gone = f" (removed {', '.join(Path(p).name for p in event.removed)})" if event.removed else ""
@@ -85,7 +90,7 @@ class TrainDisplay:
         elif isinstance(event, TrainFinished):
             self.stop()
             console.print(
-                f"[green]done[/]: {event.step} {plural(event.step, 'step')} in {_duration(event.elapsed)} "
+                f"[green]done[/]: {event.step} {plural(event.step, 'step')} in {duration(event.elapsed)} "
                 f"({event.images_per_sec:,.1f} img/s overall); last checkpoint {event.checkpoint}", highlight=False,
                 soft_wrap=True,
             )
