@@ -178,7 +178,8 @@ def test_grid_sampling_reports_progress_and_the_display_shows_its_eta(tmp_path, 
     assert (evaluating.sampler, evaluating.denoise_steps) == ("ddpm", 30)
     progress = [e for e in events if isinstance(e, GridProgress)]
     assert progress[0].done == 1 and (progress[-1].done, progress[-1].total, progress[-1].eta) == (30, 30, 0)
-    assert events.index(evaluating) < events.index(progress[0]) < events.index(next(e for e in events if isinstance(e, GridSaved)))
+    saved = next(e for e in events if isinstance(e, GridSaved))
+    assert events.index(evaluating) < events.index(progress[0]) < events.index(saved)
 
     display = TrainDisplay()
     display(TrainStarted(100, 0, "cpu", "fp32", 1, 10, 16, "data", "run"))

@@ -21,6 +21,7 @@ from ..events import CheckpointSaved, Evaluating, Event, GridProgress, GridSaved
 from ..interrupts import StopFlag
 from ..layout import RUN_CONFIG
 from .common import console, err_console, handle_errors, interrupted, plural
+from .dryrun import DRY_RUN, show_plan
 from .options import with_config_options
 
 NOT_STARTED = "interrupted before training started; nothing was saved"
@@ -154,7 +155,7 @@ def _before_training() -> Iterator[None]:
 
 
 @handle_errors
-def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def train_command(config_file: Path | None, overrides: dict[str, Any], dry_run: bool = False) -> None:
     """Train a new run (or, with --resume-from-checkpoint, continue one as the original script did)."""
     with _before_training():
         cfg = config_mod.resolve(config_file, overrides)
@@ -169,16 +170,20 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
                               "starting a new one", highlight=False, soft_wrap=True)
         elif which:
             cfg = config_mod.resolve_for_resume(config_file, overrides)
+        if dry_run:
+            return show_plan(cfg)
     run_training(cfg)
 
 
 @handle_errors
-def resume_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def resume_command(config_file: Path | None, overrides: dict[str, Any], dry_run: bool = False) -> None:
     """Continue a run from its latest (or --resume-from-checkpoint) checkpoint; config.yaml has the rest."""
     with _before_training():
         cfg = config_mod.resolve_for_resume(config_file, overrides)
+        if dry_run:
+            return show_plan(cfg)
     run_training(cfg)
 
 
-train_cmd = with_config_options(train_command)
-resume_cmd = with_config_options(resume_command)
+train_cmd = with_config_options(train_command, (DRY_RUN,))
+resume_cmd = with_config_options(resume_command, (DRY_RUN,))
