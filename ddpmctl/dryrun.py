@@ -33,8 +33,9 @@ from .runlock import is_training
 from .runtime import select_device
 from .validation import check_attention_resolutions
 
-MEASURE_BUDGET_S = 30.0  # seconds of training steps: the whole dry run stays under a minute on a 2-core CPU
-MAX_TIMED_STEPS = 3
+MEASURE_BUDGET_S = 35.0  # seconds of training steps: the whole dry run stays under a minute on a 2-core CPU
+MAX_TIMED_STEPS = 3  # timed steps per measurement, and measurements at the configured batch
+MAX_POINTS = 8
 CHECKPOINT_BYTES_PER_PARAMETER = 16  # fp32 weights, EMA weights and AdamW's two moments
 RUN_FILES = (RUN_CONFIG, "checkpoint_<step>/", METRICS, LOSS_PLOT)  # what the run folder gets (layout.py)
 GRID_FILES = "step_<step>.png"
@@ -75,51 +76,52 @@ class TrainPlan:
     seconds: float  # what the dry run took
 
 
-def measure_steps(cfg: Config, budget_s: float = MEASURE_BUDGET_S,
+def measure_steps(cfg: Config, activation_bytes: int, budget_s: float = MEASURE_BUDGET_S,
                   on_progress: Callable[[str], None] | None = None) -> StepTiming:
-    """Time real training steps: batch 1 first (warms up and gives the speed), then the configured batch, or the
-    largest that fits in ``budget_s``, scaled to the configured batch (time and memory linear in the batch)."""
+    """Time real training steps within ``budget_s``: batch 1 first (it warms up and gives a speed), then the largest
+    batch up to the configured one that fits the time left, again while time is left (the first step at a new
+    shape carries one-time costs); the largest batch measured is scaled to the configured one (time and memory
+    linear in the batch; ``activation_bytes`` per image is the memory slope when only one size was measured)."""
     say = on_progress or (lambda _m: None)
-    started = time.perf_counter()
+    deadline = time.perf_counter() + budget_s
     backend = load_backend(select_device(cfg.run.device).type)
     prober = Prober(cfg, backend)
     batch, spp = cfg.training.batch_size, backend.steps_per_point
     budget = backend.budget_bytes()
-    say("timing a training step at batch 1")
-    first = prober.measure(1, "warmup")
-    points = [first]
-    if first["oom"]:
-        return StepTiming(None, prober.precision.name, None, budget, "batch 1 ran out of memory", points,
-                          ["not even batch 1 fits on this device: lower --starting-channels or --img-size"])
-    per_image = first["seconds"]
-    left = budget_s - (time.perf_counter() - started)
-    # The largest batch (up to the configured one) whose steps, warm-up included, fit in the time left.
-    size = min(batch, int(left / (per_image * spp))) if per_image > 0 else batch
-    if size >= 2 or (batch == 1 and left > per_image * spp):
-        timed = max(1, min(MAX_TIMED_STEPS, int(left / (per_image * size)) - (spp - 1)))
+    points: list[dict[str, Any]] = []
+    size, timed = 1, 1
+    while size and len(points) < MAX_POINTS:
         say(f"timing {timed} training {'step' if timed == 1 else 'steps'} at batch {size}")
         point = prober.measure(size, "dry-run", timed_steps=timed)
         points.append(point)
         if point["oom"]:
+            what = "not even batch 1" if size == 1 else f"batch {size}"
             return StepTiming(None, prober.precision.name, None, budget, f"batch {size} ran out of memory", points,
-                              [f"batch {size} does not fit on this device: 'ddpmctl doctor' suggests a batch size "
-                               "that does, with --gradient-accumulation-steps for the same effective batch"])
-    last = points[-1]
+                              [f"{what} fits on this device: 'ddpmctl doctor' suggests a batch size and width "
+                               "that do"])
+        per_image, left = point["seconds"] / size, deadline - time.perf_counter()
+        grow = min(batch, int(left / (per_image * (spp - 1 + timed))))
+        if grow > size:
+            size = grow
+        elif left < point["seconds"] * spp or sum(p["batch"] == batch for p in points) >= MAX_TIMED_STEPS:
+            size = 0
+        timed = max(1, min(MAX_TIMED_STEPS, int(min(left, 2.0) / (per_image * max(size, 1)))))
+    largest = max(p["batch"] for p in points)
+    at = [p["seconds"] for p in points if p["batch"] == largest]
+    warm = at[1:] or at  # the first step at a shape carries its one-time costs
     accumulation = cfg.training.gradient_accumulation_steps
-    seconds = last["seconds"] * batch / last["batch"] * accumulation
-    if last["batch"] == batch:
-        how = f"measured at batch {batch}" + (f" x {accumulation} micro-batches" if accumulation > 1 else "")
+    seconds = sum(warm) / len(warm) * batch / largest * accumulation
+    micro = f" x {accumulation} micro-batches" if accumulation > 1 else ""
+    if largest == batch:
+        how = f"measured at batch {batch}{micro}"
     else:
-        how = f"batch {last['batch']} measured, scaled to {batch} (the {budget_s:.0f} s budget of the dry run)"
+        how = f"batch {largest} measured, scaled to {batch}{micro} (the {budget_s:.0f} s budget of the dry run)"
     peaks = [(p["batch"], float(p["peak_bytes"])) for p in points if p["peak_bytes"]]
     fit = fit_line(peaks) if len({b for b, _ in peaks}) > 1 else None
     if fit is not None:
         peak = fit.predict(batch)
-    elif peaks:  # one batch size only: the slope from the model's saved activations, as doctor does
-        cost = model_cost(cfg, "flash" if backend.name == "cuda" else "math")
-        peak = peaks[-1][1] + (batch - peaks[-1][0]) * cost.activation_bytes * ONE_POINT_SLOPE_PRIOR
-    else:
-        peak = None
+    else:  # one batch size only: the slope from the model's saved activations, as doctor does
+        peak = peaks[-1][1] + (batch - peaks[-1][0]) * activation_bytes * ONE_POINT_SLOPE_PRIOR if peaks else None
     notes = [prober.precision.note] if prober.precision.note else []
     return StepTiming(seconds, prober.precision.name, peak, budget, how, points, notes)
 
@@ -140,7 +142,7 @@ def plan_train(cfg: Config, budget_s: float = MEASURE_BUDGET_S,
              if n]
     device = select_device(cfg.run.device)
     cost = model_cost(cfg, "flash" if device.type == "cuda" else "math")
-    timing = measure_steps(cfg, budget_s, on_progress)
+    timing = measure_steps(cfg, cost.activation_bytes, budget_s, on_progress)
     t = cfg.training
     images = t.batch_size * t.gradient_accumulation_steps
     grids = evaluations(cfg)

@@ -50,13 +50,17 @@ def test_a_short_budget_scales_batch_one_to_the_configured_batch(tiny_images, tm
     cfg = resolve(None, {"path_to_data": str(tiny_images), "img_size": 16, "starting_channels": 8,
                          "channel_multipliers": "1,2", "attention_resolutions": "8", "batch_size": 8,
                          "gradient_accumulation_steps": 2, "device": "cpu"})
-    timing = measure_steps(cfg, budget_s=0.0)
+    timing = measure_steps(cfg, 10**6, budget_s=0.0)
     assert [p["batch"] for p in timing.points] == [1]
     assert timing.seconds == pytest.approx(timing.points[0]["seconds"] * 8 * 2)
-    assert timing.how == "batch 1 measured, scaled to 8 (the 0 s budget of the dry run)"
-    assert timing.peak_bytes > timing.points[0]["peak_bytes"]  # seven more images' activations
-    full = measure_steps(cfg)
-    assert [p["batch"] for p in full.points] == [1, 8] and full.how == "measured at batch 8 x 2 micro-batches"
+    assert timing.how == "batch 1 measured, scaled to 8 x 2 micro-batches (the 0 s budget of the dry run)"
+    assert timing.peak_bytes == pytest.approx(timing.points[0]["peak_bytes"] + 7 * 1.5 * 10**6)  # 7 images more
+    full = measure_steps(cfg, 10**6, budget_s=5.0)
+    batches = [p["batch"] for p in full.points]
+    assert batches[:2] == [1, 8] and set(batches) == {1, 8}, batches
+    assert full.how == "measured at batch 8 x 2 micro-batches"
+    warm = [p["seconds"] for p in full.points if p["batch"] == 8][1:] or [full.points[1]["seconds"]]
+    assert full.seconds == pytest.approx(sum(warm) / len(warm) * 2)
 
 
 def test_train_dry_run_refuses_what_train_would(tmp_path, tiny_images):
