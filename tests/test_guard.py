@@ -46,7 +46,7 @@ def test_deferred_guard_skips_on_the_device_and_counts_at_read_back(tiny_images,
     train(options(tiny_images, tmp_path, "defer", num_training_steps=8, max_bad_steps=3), events.append)
     finished = [e for e in events if isinstance(e, TrainFinished)][0]
     assert finished.step == 8 and finished.skipped_steps == 2  # skipped steps still count as steps
-    notes = [e.text for e in events if isinstance(e, Note)]
+    notes = [e.text for e in events if isinstance(e, Note) and not e.text.startswith("grids: ")]  # the grids' cost
     assert notes == ["steps 1-4: 2 non-finite loss or gradient, update skipped (0 in a row now)"]
     weights = load_file(str(tmp_path / "w" / "defer" / "checkpoint_8" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
