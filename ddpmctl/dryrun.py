@@ -30,7 +30,7 @@ from .layout import ABANDONED, LOSS_PLOT, METRICS, RUN_CONFIG
 from .memfit import fit_line
 from .run_state import check_new_run, data_position, model_config_differs
 from .runlock import is_training
-from .runtime import select_device
+from .runtime import resolve_precision, select_device
 from .validation import check_attention_resolutions
 
 MEASURE_BUDGET_S = 35.0  # seconds of training steps: the whole dry run stays under a minute on a 2-core CPU
@@ -137,13 +137,16 @@ def plan_train(cfg: Config, budget_s: float = MEASURE_BUDGET_S,
         why = cannot_write(folder)
         if why:
             raise ConfigError(f"cannot write to {folder}: {why}; pass a {option} you can write to")
+    t = cfg.training
     dataset, data = build_dataset(cfg.data.path_to_data, cfg.model.img_size)
     notes = [n for n in [upscale_note(dataset, cfg.model.img_size), loader_workers(cfg.data.num_workers, dataset)[1]]
              if n]
     device = select_device(cfg.run.device)
-    cost = model_cost(cfg, "flash" if device.type == "cuda" else "math")
+    # The attention the network will run (model.spell_out_attention): N x N weights kept on MPS and in low
+    # precision on the CPU, a fused kernel otherwise; it decides the memory slope when one batch size is measured.
+    spelled = device.type == "mps" or (device.type == "cpu" and resolve_precision(t.precision, device).name != "fp32")
+    cost = model_cost(cfg, "math" if spelled else "flash")
     timing = measure_steps(cfg, cost.activation_bytes, budget_s, on_progress)
-    t = cfg.training
     images = t.batch_size * t.gradient_accumulation_steps
     grids = evaluations(cfg)
     grid_s = total = None
