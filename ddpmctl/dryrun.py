@@ -36,6 +36,7 @@ from .validation import check_attention_resolutions
 MEASURE_BUDGET_S = 35.0  # seconds of training steps: the whole dry run stays under a minute on a 2-core CPU
 MAX_TIMED_STEPS = 3  # timed steps per measurement, and measurements at the configured batch
 MAX_POINTS = 8
+GROW_MARGIN = 1.25  # a larger batch's step may take longer per image than batch 1's: keep to the budget
 CHECKPOINT_BYTES_PER_PARAMETER = 16  # fp32 weights, EMA weights and AdamW's two moments
 RUN_FILES = (RUN_CONFIG, "checkpoint_<step>/", METRICS, LOSS_PLOT)  # what the run folder gets (layout.py)
 GRID_FILES = "step_<step>.png"
@@ -79,8 +80,8 @@ class TrainPlan:
 def measure_steps(cfg: Config, activation_bytes: int, budget_s: float = MEASURE_BUDGET_S,
                   on_progress: Callable[[str], None] | None = None) -> StepTiming:
     """Time real training steps within ``budget_s``: batch 1 first (it warms up and gives a speed), then the largest
-    batch up to the configured one that fits the time left, again while time is left (the first step at a new
-    shape carries one-time costs); the largest batch measured is scaled to the configured one (time and memory
+    batch up to the configured one whose steps fit the time left, again while time is left (the first step at a
+    new shape carries one-time costs); the largest batch measured is scaled to the configured one (time and memory
     linear in the batch; ``activation_bytes`` per image is the memory slope when only one size was measured)."""
     say = on_progress or (lambda _m: None)
     deadline = time.perf_counter() + budget_s
@@ -100,15 +101,20 @@ def measure_steps(cfg: Config, activation_bytes: int, budget_s: float = MEASURE_
                               [f"{what} fits on this device: 'ddpmctl doctor' suggests a batch size and width "
                                "that do"])
         per_image, left = point["seconds"] / size, deadline - time.perf_counter()
-        grow = min(batch, int(left / (per_image * (spp - 1 + timed))))
-        if grow > size:
+        # Where measure() takes no warm-up step of its own (the CPU), a new shape is timed twice: its first step
+        # pays for the memory it touches first (~1.6x a warm step at 128 px, batch 16; docs/performance.md).
+        steps = spp - 1 + timed + (1 if spp == 1 else 0)
+        grow = min(batch, int(left / (per_image * steps * GROW_MARGIN)))
+        if grow >= 2 * size:
             size = grow
         elif left < point["seconds"] * spp or sum(p["batch"] == batch for p in points) >= MAX_TIMED_STEPS:
             size = 0
         timed = max(1, min(MAX_TIMED_STEPS, int(min(left, 2.0) / (per_image * max(size, 1)))))
-    largest = max(p["batch"] for p in points)
+    # The largest batch timed warm (twice: the first step at a shape carries its one-time costs), else the largest.
+    sizes = [p["batch"] for p in points]
+    largest = max((b for b in sizes if sizes.count(b) > 1), default=max(sizes))
     at = [p["seconds"] for p in points if p["batch"] == largest]
-    warm = at[1:] or at  # the first step at a shape carries its one-time costs
+    warm = at[1:] or at
     accumulation = cfg.training.gradient_accumulation_steps
     seconds = sum(warm) / len(warm) * batch / largest * accumulation
     micro = f" x {accumulation} micro-batches" if accumulation > 1 else ""
