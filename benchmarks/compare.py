@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from ddpmctl import sampling  # noqa: E402
 from ddpmctl.config import Config, DiffusionConfig, ModelConfig, TrainingConfig, load_yaml  # noqa: E402
-from ddpmctl.data import BatchStream, build_dataset, make_demo_dataset  # noqa: E402
+from ddpmctl.data import BatchStream, build_dataset  # noqa: E402
+from ddpmctl.demo_data import make_demo_dataset  # noqa: E402
 from ddpmctl.diffusion import Schedule  # noqa: E402
 from ddpmctl.host import cpu_cores, peak_rss, reset_peak_rss  # noqa: E402
 from ddpmctl.model import UNet, count_parameters, set_low_precision_norms  # noqa: E402

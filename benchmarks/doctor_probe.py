@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ddpmctl import config as config_mod
-from ddpmctl.data import make_demo_dataset
+from ddpmctl.demo_data import make_demo_dataset
 from ddpmctl.doctor import run_doctor
 from ddpmctl.engine import StepStats, TrainFinished, train
 

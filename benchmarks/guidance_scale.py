@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpmctl import config as config_mod  # noqa: E402
-from ddpmctl.data import DEMO_CLASSES, make_demo_dataset  # noqa: E402
+from ddpmctl.demo_data import DEMO_CLASSES, make_demo_dataset  # noqa: E402
 from ddpmctl.engine import train  # noqa: E402
 from ddpmctl.images import find_images  # noqa: E402
 from ddpmctl.inference import iter_samples, load_model  # noqa: E402

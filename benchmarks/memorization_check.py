@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpmctl.config import resolve  # noqa: E402
-from ddpmctl.data import make_demo_dataset  # noqa: E402
+from ddpmctl.demo_data import make_demo_dataset  # noqa: E402
 from ddpmctl.engine import train  # noqa: E402
 from ddpmctl.inference import iter_samples, load_model  # noqa: E402
 from ddpmctl.memorization import MemorizationCheck  # noqa: E402

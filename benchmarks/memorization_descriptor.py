@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpmctl.data import draw_demo_image, pil_to_uint8  # noqa: E402
+from ddpmctl.data import pil_to_uint8  # noqa: E402
+from ddpmctl.demo_data import draw_demo_image  # noqa: E402
 from ddpmctl.memorization import SPACES, build_reference, check_samples  # noqa: E402
 
 

@@ -7,7 +7,6 @@ happen on the training device, so workers only decode and the host-to-device cop
 
 from __future__ import annotations
 
-import math
 import signal
 import warnings
 from collections.abc import Iterator
@@ -15,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .errors import DataError, DdpmctlWarning
-from .images import IMAGE_EXTENSIONS, describe_error, find_images, load_square
+from .images import IMAGE_EXTENSIONS, describe_error, find_images, is_small, load_square, open_image
 from .labeled import batch_images, with_labels
 from .prepared import PACK_FILE, pack_digest, prepared_files, read_manifest
 
@@ -215,6 +214,40 @@ def build_dataset(path: str | Path | None, img_size: int, classes: str | tuple[s
                      f"'ddpmctl prepare {root} DST --size {img_size} --pack' checks them once and makes loading much faster)")
 
 
+UPSCALE_SAMPLE = 500  # headers read to count small sources: a second or less, however large the folder
+UPSCALE_SHARE = 0.1  # say so when at least this share of them is upscaled
+
+
+def upscale_note(dataset: Dataset, img_size: int, sample: int = UPSCALE_SAMPLE) -> str | None:
+    """One line when many images of a raw folder are smaller than ``img_size`` and will be upscaled on the fly.
+
+    Only the headers are read (Pillow opens lazily), of every file or of ``sample`` files spread evenly over
+    the folder; prepared and packed data were sized by ``ddpmctl prepare``, which reports upscaling itself.
+    """
+    if not isinstance(dataset, ImageFolderDataset) or not dataset.files:
+        return None
+    files = dataset.files
+    if len(files) > sample:
+        files = [files[i * (len(files) - 1) // (sample - 1)] for i in range(sample)]
+    checked, small = 0, []
+    for path in files:
+        try:
+            with open_image(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # the loader says which files it cannot read, once each
+        checked += 1
+        if is_small(w, h, img_size, "center"):
+            small.append(min(w, h))
+    if not small or len(small) < UPSCALE_SHARE * checked:
+        return None
+    typical = max(set(small), key=small.count)
+    of = (f"{len(small)} of the {checked} images" if checked == len(dataset.files)
+          else f"{len(small)} of {checked} images checked (of {len(dataset.files)})")
+    return (f"{of} in {dataset.root} are smaller than {img_size} px (most {typical} px on the shorter side) and are "
+            f"upscaled on the fly, so samples may look soft: train at a smaller --img-size, or add larger images")
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose epoch can start part-way through, so a resumed run sees no batch twice.
 
@@ -316,61 +349,3 @@ class BatchStream:
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
-
-
-# ----------------------------------------------------------------------------- built-in demo data
-
-PALETTE = [(230, 57, 70), (241, 196, 15), (46, 204, 113), (52, 152, 219), (155, 89, 182), (236, 240, 241)]
-
-
-DEMO_CLASSES = ("discs", "squares", "triangles")  # the shapes, in draw_demo_image's order
-
-
-def draw_demo_image(rng: np.random.Generator, size: int, shape: int | None = None) -> Image.Image:
-    """One procedurally drawn picture: a bold shape (disc, square or triangle) on a two-tone background.
-
-    ``shape``: the index in DEMO_CLASSES to draw; None: a random one (the same random draws either way).
-    """
-    scale = 4  # draw large, then downsample, for antialiased edges
-    s = size * scale
-    top = tuple(int(c) for c in rng.integers(10, 90, size=3))
-    bottom = tuple(int(c) for c in rng.integers(10, 90, size=3))
-    ramp = np.linspace(0, 1, s)[:, None, None]
-    bg = (np.array(top)[None, None] * (1 - ramp) + np.array(bottom)[None, None] * ramp).repeat(s, axis=1)
-    im = Image.fromarray(bg.astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(im)
-    color = PALETTE[int(rng.integers(len(PALETTE)))]
-    radius = s * rng.uniform(0.22, 0.34)
-    cx, cy = s * rng.uniform(0.38, 0.62), s * rng.uniform(0.38, 0.62)
-    drawn = int(rng.integers(3))  # drawn even when the shape is given, so the random stream stays the same
-    kind = drawn if shape is None else shape
-    if kind == 0:
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-    elif kind == 1:
-        draw.rectangle([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-    else:
-        pts = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in
-               (-math.pi / 2, -math.pi / 2 + 2 * math.pi / 3, -math.pi / 2 + 4 * math.pi / 3)]
-        draw.polygon(pts, fill=color)
-    return im.resize((size, size), Image.Resampling.LANCZOS)
-
-
-def make_demo_dataset(dst: str | Path, num_images: int = 2000, size: int = 32, seed: int = 0,
-                      classes: int = 0) -> Path:
-    """Write ``num_images`` demo PNGs into ``dst`` (skipped if already complete); returns ``dst``.
-
-    ``classes`` (2 or 3): one folder per shape instead (discs/, squares/, triangles/: the first ``classes`` of
-    DEMO_CLASSES), image i drawing shape i mod ``classes``: a class-conditional training set.
-    """
-    dst = Path(dst)
-    names = DEMO_CLASSES[:classes]
-    for name in names or [""]:
-        (dst / name).mkdir(parents=True, exist_ok=True)
-    if len(list(dst.glob("*/*.png" if names else "*.png"))) >= num_images:
-        return dst
-    rng = np.random.default_rng(seed)
-    for i in range(num_images):
-        shape = i % len(names) if names else None
-        folder = dst / names[shape] if names else dst
-        draw_demo_image(rng, size, shape).save(folder / f"shape_{i:05d}.png")
-    return dst

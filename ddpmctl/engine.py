@@ -24,14 +24,16 @@ from . import checkpoints, plots, rundir
 from .augment import AUGMENT_DIM
 from .classes import fit_to_data, saved_network
 from .config import Config, dump_yaml, to_dict, with_absolute_paths
-from .data import BatchStream, build_dataset
+from .data import BatchStream, build_dataset, upscale_note
 from .errors import ConfigError, TrainingStopped
-from .events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
+from .estimate import grid_denoise_steps, grid_note
+from .events import CheckpointSaved, Evaluating, Event, GridProgress, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from .files import missing_folders, remove_empty_folders, write_text_atomic
 from .host import cpu_cores
 from .interrupts import StopFlag, interrupt_handlers
 from .labeled import batch_images
 from .layout import LOSS_PLOT, METRICS, RUN_CONFIG, grid_name
+from .log_window import LogWindow
 from .machine import device_notes
 from .memorization import check_samples
 from .memorization_io import reference_for_dataset
@@ -50,7 +52,6 @@ from .runtime import (
     select_device,
 )
 from .sampling import DEFAULT_GUIDANCE, MAX_CLASS_ROWS, progression_grid, sample, sampling_network, save_png, to_uint8
-from .step import StepResult
 from .validation import check_attention_resolutions
 
 
@@ -75,6 +76,16 @@ def _wandb_module(cfg: Config) -> Any:
     except ImportError:
         raise ConfigError("--use-wandb needs Weights & Biases: pip install 'ddpmctl[wandb]'") from None
     return wandb
+
+
+def loader_workers(requested: int, dataset: Any) -> tuple[int, str | None]:
+    """The DataLoader workers to start, and a note when that is fewer than ``requested``."""
+    # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
+    # and freezes, so take what there is.
+    cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if requested > cores and not getattr(dataset, "in_process", False):
+        return cores, f"num_workers {requested} is more than the {cores} CPU cores here per process: using {cores}"
+    return requested, None
 
 
 @dataclass
@@ -112,45 +123,6 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, stop: St
             dist.destroy_process_group()
 
 
-class LogWindow:
-    """The steps since the last report, summed on the device: reading them is a report's one host wait."""
-
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)  # summed over the steps whose update was applied
-        self.applied = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), device=device)
-        self.in_row = torch.zeros((), device=device)  # skipped steps in a row, carried across reports
-        self.grad_norm = torch.zeros((), device=device)  # the last step's
-        self.steps = self.images = self.images_total = 0
-        self.started = time.perf_counter()
-
-    def add(self, result: StepResult, images: int) -> None:
-        self.loss += torch.where(result.skipped > 0, 0.0, result.loss)  # where, not *: NaN * 0 is NaN
-        self.applied += 1 - result.skipped
-        self.skipped += result.skipped
-        self.in_row = (self.in_row + 1) * result.skipped
-        self.grad_norm = result.grad_norm
-        self.steps, self.images, self.images_total = self.steps + 1, self.images + images, self.images_total + images
-
-    def read(self, dist_info: DistInfo) -> dict[str, Any]:
-        """Mean loss (None if every update was skipped), skips, last grad norm, images/s; then start a new window."""
-        loss = self.loss
-        if dist_info.enabled:  # each rank's loss is over its own images: report the mean over the ranks
-            loss = loss.clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss /= dist_info.world_size
-        loss_sum, applied, skipped, in_row, grad_norm = torch.stack(
-            [loss, self.applied, self.skipped, self.in_row, self.grad_norm.float()]).tolist()
-        now = time.perf_counter()
-        out = {"loss": loss_sum / applied if applied else None, "skipped": int(skipped), "in_row": int(in_row),
-               "grad_norm": grad_norm, "steps": self.steps, "images_per_sec": self.images / max(now - self.started, 1e-9)}
-        self.loss.zero_()
-        self.applied.zero_()
-        self.skipped.zero_()
-        self.steps, self.images, self.started = 0, 0, now
-        return out
-
-
 class Trainer:
     """One run on this process: set up from the config (resumed or fresh), then loop until done or stopped."""
 
@@ -185,14 +157,12 @@ class Trainer:
         self.notes += fitted
         cfg = self.cfg
         self.dataset, self.copies_reference = dataset, None  # the memorization check's, built at the first grid
+        small = upscale_note(dataset, cfg.model.img_size) if self.dist.is_main else None
+        if small:
+            self.notes.append(small)
         self.parts = build_parts(cfg, self.device, self.precision, self.dist, weights)
-        # More loader workers than cores (shared by torchrun's processes on this node): PyTorch warns of slowness
-        # and freezes, so take what there is.
-        workers = cfg.data.num_workers
-        cores = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if workers > cores and not getattr(dataset, "in_process", False):
-            self.notes.append(f"num_workers {workers} is more than the {cores} CPU cores here per process: using {cores}")
-            workers = cores
+        workers, note = loader_workers(cfg.data.num_workers, dataset)
+        self.notes += [note] if note else []
         self.stream = BatchStream(dataset, t.batch_size, workers, pin_memory=self.device.type == "cuda",
                                   num_replicas=self.dist.world_size, rank=self.dist.rank, seed=cfg.run.seed)
         self.state = RunState(cfg, self.parts, self.stream, self.dist, len(dataset))  # type: ignore[arg-type]
@@ -246,6 +216,7 @@ class Trainer:
         window = LogWindow(self.device)
         self.last_loss: float | None = None
         last_saved, saved_at = self.resumed_from, -1  # what a run resumed at its last step ends with
+        first_step = state.step + 1  # this process's first: its figures show at once, not at the first log interval
         self.parts.step.train_model.train()
         started = time.perf_counter()
         try:
@@ -264,6 +235,11 @@ class Trainer:
                 at_log = state.step % cfg.logging.log_interval == 0
                 if at_log or last:
                     self._report(window, time.perf_counter() - started)
+                elif state.step == first_step:
+                    self._report(window, time.perf_counter() - started, logged=False)
+                if state.step == first_step:  # the grids' sampler and cost, timed by this step
+                    per_image = (time.perf_counter() - started) * self.dist.world_size / max(window.images_total, 1)
+                    self.emit(Note(grid_note(cfg, per_image, state.step - 1)))
                 # Save a checkpoint and a progression grid.
                 at_eval = state.step % cfg.sampling.evaluation_interval == 0
                 if at_eval or last:
@@ -290,10 +266,22 @@ class Trainer:
                                 window.images_total / max(elapsed, 1e-9), state.skipped))
         return TrainResult(state.step, str(last_saved) if last_saved else None, str(self.cfg.run_dir))
 
-    def _report(self, window: LogWindow, elapsed: float) -> None:
-        """Read the window back: skipped-step notes (and the divergence stop), StepStats, a metrics row."""
+    def _report(self, window: LogWindow, elapsed: float, logged: bool = True) -> None:
+        """Read the window back: skipped-step notes (and the divergence stop), StepStats, a metrics row.
+
+        ``logged`` False (the first step of a process, before its first log interval): StepStats only, for the
+        display; the window, the skip count and metrics.jsonl wait for the report at the log interval, so a
+        resumed run logs the same rows as one trained straight through.
+        """
         t, step = self.cfg.training, self.state.step
-        read = window.read(self.dist)
+        read = window.read(self.dist, reset=logged)
+        if not logged:
+            speed = read["images_per_sec"]
+            loss = read["loss"] if read["loss"] is not None else self.last_loss
+            self.emit(StepStats(step, t.num_training_steps, loss, self.parts.scheduler.get_last_lr()[0], speed,
+                                read["grad_norm"], elapsed, (t.num_training_steps - step) * elapsed / read["steps"],
+                                self.state.skipped + read["skipped"], logged=False))
+            return
         if read["skipped"]:
             self.state.skipped += read["skipped"]
             where = f"step {step}" if read["steps"] == 1 else f"steps {step - read['steps'] + 1}-{step}"
@@ -330,18 +318,26 @@ class Trainer:
         if not self.dist.is_main:
             return
         step, s, run_dir = self.state.step, self.cfg.sampling, self.cfg.run_dir
-        self.emit(Evaluating(step))
+        self.emit(Evaluating(step, s.sampler, grid_denoise_steps(self.cfg)))
         net = self.parts.ema.model if self.parts.ema else self.parts.model
         was_training = net.training
         net.eval()
         noise, gen = evaluation_noise(self.cfg, self.device)
+        started, shown = time.perf_counter(), [0.0]
+
+        def progress(done: int, total: int) -> None:  # at most one event a second: the CLI shows the grid's ETA
+            now = time.perf_counter()
+            if done == total or now - shown[0] >= 1.0:
+                shown[0] = now
+                self.emit(GridProgress(step, done, total, now - started, (now - started) / done * (total - done)))
+
         conditional = bool(self.cfg.model.class_names)  # then row i shows class i
         result = sample(
             sampling_network(net, self.parts.schedule), self.parts.schedule, noise, sampler=s.sampler,
             steps=s.sampling_steps, eta=s.eta, generator=gen, record_every=s.plot_freq_interval, max_frames=24,
             autocast=self.precision.autocast,
             labels=torch.arange(noise.shape[0], device=self.device) if conditional else None,
-            guidance=DEFAULT_GUIDANCE if conditional else 0.0,
+            guidance=DEFAULT_GUIDANCE if conditional else 0.0, callback=progress,
         )
         net.train(was_training)
         release_cached_memory(self.device)  # the grid's shapes are not training's: MPS would keep their blocks

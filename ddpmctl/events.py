@@ -33,11 +33,23 @@ class StepStats:
     elapsed: float  # seconds since this process started training
     eta: float  # seconds to the last step at the current speed
     skipped_steps: int
+    logged: bool = True  # False: the first step of a process, shown before the first log interval (no metrics row)
 
 
 @dataclass
 class Evaluating:
     step: int
+    sampler: str = ""  # the grid's sampler
+    denoise_steps: int = 0  # its network calls
+
+
+@dataclass
+class GridProgress:
+    step: int  # the training step the grid is sampled at
+    done: int  # denoising steps done
+    total: int
+    elapsed: float  # seconds since the grid started
+    eta: float  # seconds to the grid's last denoising step at the speed so far
 
 
 @dataclass
@@ -67,4 +79,4 @@ class TrainFinished:
     skipped_steps: int
 
 
-Event = TrainStarted | StepStats | Evaluating | GridSaved | CheckpointSaved | Note | TrainFinished
+Event = TrainStarted | StepStats | Evaluating | GridProgress | GridSaved | CheckpointSaved | Note | TrainFinished

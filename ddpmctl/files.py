@@ -79,6 +79,18 @@ def check_writable(folder: Path, option: str) -> None:
         raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}; pass a {option} you can write to") from None
 
 
+def cannot_write(folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written to (None: it could), found without writing anything."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def missing_folders(*paths: Path) -> list[Path]:
     """The folders that creating ``paths`` would make, deepest first (each path's missing ancestors too)."""
     out: list[Path] = []

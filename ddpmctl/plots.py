@@ -22,11 +22,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Plot loss (log scale) and learning rate against step; returns the PNG path, or None without data."""
-    rows = read_metrics(metrics_path)
-    if not rows:
-        return None
+def loss_figure(rows: list[dict]):  # -> matplotlib.figure.Figure (matplotlib is imported only when plotting)
+    """Loss (log scale when positive) and learning rate against step, the legend above the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,16 +31,30 @@ def loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", linewidth=1, label="loss")
+    loss_line, = ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", linewidth=1, label="loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if all(r["loss"] > 0 for r in rows):
         ax.set_yscale("log")
     ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", linewidth=1, alpha=0.7, label="learning rate")
+    lr_line, = ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", linewidth=1, alpha=0.7,
+                        label="learning rate")
     ax2.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    # Above the plot, not in a corner: a figure corner is where the right axis' tick labels are, and inside
+    # the axes it would hide the curves.
+    ax.legend(handles=[loss_line, lr_line], loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Plot loss (log scale) and learning rate against step; returns the PNG path, or None without data."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows)
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:

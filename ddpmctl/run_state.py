@@ -66,19 +66,54 @@ def _choose_checkpoint(cfg: Config, lock: RunLock) -> tuple[Path | None, list[st
     check_writable(cfg.generated_dir, "--generated-directory")  # now, not at the first grid hours later
     rundir.clean_stale_temporaries(run_dir)  # may put back a checkpoint a kill left aside
     if not which:
-        existing = [c for c in rundir.list_checkpoints(run_dir) if c.complete]
-        if existing:
-            raise ConfigError(
-                f"{run_dir} already holds {existing[-1].name}; continue it with 'ddpmctl resume "
-                f"--experiment-name {cfg.run.experiment_name} --working-directory "
-                f"{cfg.run.working_directory}' or pick a new --experiment-name"
-            )
+        check_new_run(cfg)
         return None, []
     if which == "latest" and not rundir.list_checkpoints(run_dir):
         # Stopped (or killed) before its first save: nothing to lose, so resuming is starting over, as a
         # requeued job expects. Damaged checkpoint folders are another matter: resolve_checkpoint says why.
         return None, [f"{run_dir.name} has no checkpoint yet (it stopped before its first save): starting from step 0"]
     return rundir.resolve_checkpoint(run_dir, which)
+
+
+def check_new_run(cfg: Config) -> None:
+    """A new run may not start in a run folder that holds checkpoints (ConfigError saying how to continue it)."""
+    existing = [c for c in rundir.list_checkpoints(cfg.run_dir) if c.complete]
+    if existing:
+        raise ConfigError(
+            f"{cfg.run_dir} already holds {existing[-1].name}; continue it with 'ddpmctl resume "
+            f"--experiment-name {cfg.run.experiment_name} --working-directory "
+            f"{cfg.run.working_directory}' or pick a new --experiment-name"
+        )
+
+
+def data_position(meta: dict[str, Any], cfg: Config, num_images: int, world_size: int, rank: int = 0,
+                  name: str = "the checkpoint") -> tuple[dict[str, int] | None, list[str]]:
+    """Where a resumed run's data order goes on (``rank``'s BatchStream state; None: as a new run) and notes.
+
+    It continues where it stopped, or at the next epoch when the number of images or of processes changed.
+    """
+    notes = []
+    data_state = meta.get("data_state", {})
+    saved_data, data_now = meta.get("config", {}).get("data", {}).get("path_to_data"), cfg.data.path_to_data
+    images_then = data_state.get("num_images", num_images)  # absent in checkpoints of older versions
+    recounted = images_then != num_images
+    same_world = world_size == int(data_state.get("world_size", 1))
+    # (older checkpoints hold the path as typed, relative to wherever training was started)
+    if recounted or absolute_path(saved_data) != absolute_path(data_now):
+        then = f"{saved_data} ({images_then} images)" if recounted else str(saved_data)
+        notes.append(f"the data changed since {name}: {then} then, {data_now} ({num_images} images) "
+                     "now; " + ("the data order restarts at the next epoch" if recounted
+                                else "same number of images, so the data order goes on where it stopped"))
+    if "ranks" not in data_state:
+        return None, notes
+    if same_world and not recounted:
+        return data_state["ranks"][rank], notes
+    # Another number of processes or of images: continue from the next epoch (no sample is replayed
+    # twice within an epoch, but the partial epoch is cut short).
+    if not same_world:
+        notes.append(f"world size changed from {data_state.get('world_size')} to {world_size}: "
+                     "data order restarts at the next epoch")
+    return {"epoch": data_state["ranks"][0]["epoch"] + 1, "position": 0}, notes
 
 
 def model_config_differs(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -197,27 +232,9 @@ class RunState:
 
     def _restore_data_position(self, path: Path, meta: dict[str, Any]) -> list[str]:
         """Continue the data order where it stopped, or at the next epoch when the images or ranks changed."""
-        notes = []
-        data_state = meta.get("data_state", {})
-        saved_data, data_now = meta.get("config", {}).get("data", {}).get("path_to_data"), self.cfg.data.path_to_data
-        images_then = data_state.get("num_images", self.num_images)  # absent in checkpoints of older versions
-        recounted = images_then != self.num_images
-        same_world = self.dist.world_size == int(data_state.get("world_size", 1))
-        # (older checkpoints hold the path as typed, relative to wherever training was started)
-        if recounted or absolute_path(saved_data) != absolute_path(data_now):
-            then = f"{saved_data} ({images_then} images)" if recounted else str(saved_data)
-            notes.append(f"the data changed since {path.name}: {then} then, {data_now} ({self.num_images} images) "
-                         "now; " + ("the data order restarts at the next epoch" if recounted
-                                    else "same number of images, so the data order goes on where it stopped"))
-        if same_world and not recounted and "ranks" in data_state:
-            self.stream.load_state_dict(data_state["ranks"][self.dist.rank])
-        elif "ranks" in data_state:
-            # Another number of processes or of images: continue from the next epoch (no sample is replayed
-            # twice within an epoch, but the partial epoch is cut short).
-            self.stream.load_state_dict({"epoch": data_state["ranks"][0]["epoch"] + 1, "position": 0})
-            if not same_world:
-                notes.append(f"world size changed from {data_state.get('world_size')} to {self.dist.world_size}: "
-                             "data order restarts at the next epoch")
+        position, notes = data_position(meta, self.cfg, self.num_images, self.dist.world_size, self.dist.rank, path.name)
+        if position is not None:
+            self.stream.load_state_dict(position)
         return notes
 
     def _apply_new_optimizer_settings(self, saved: dict[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmctl.data import make_demo_dataset
+from ddpmctl.demo_data import make_demo_dataset
 
 # Tiny models run fastest on one thread, and two OpenMP threads on a busy 2-core machine spin against
 # each other (up to 15x slower): every test runs single-threaded.

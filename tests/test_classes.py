@@ -26,7 +26,8 @@ from ddpmctl.augment import AUGMENT_DIM, augment
 from ddpmctl.classes import class_folders, class_index, proportional_labels
 from ddpmctl.cli.main import app
 from ddpmctl.config import DiffusionConfig, ModelConfig
-from ddpmctl.data import BatchStream, build_dataset, make_demo_dataset
+from ddpmctl.data import BatchStream, build_dataset
+from ddpmctl.demo_data import make_demo_dataset
 from ddpmctl.engine import StepStats, StopFlag, train
 from ddpmctl.errors import ConfigError, DataError, TrainingStopped
 from ddpmctl.inference import generate, iter_samples, load_model

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ddpmctl import config as config_mod
 from ddpmctl import sampling
 from ddpmctl.config import DiffusionConfig, ModelConfig
-from ddpmctl.data import make_demo_dataset
+from ddpmctl.demo_data import make_demo_dataset
 from ddpmctl.diffusion import Schedule
 from ddpmctl.engine import Note, StepStats, StopFlag, train
 from ddpmctl.errors import TrainingStopped

@@ -40,3 +40,20 @@ def test_the_cli_shows_it_as_one_warning_line(tmp_path: Path, tiny_images: Path)
     lines = [line for line in run.stderr.splitlines() if "broken.png" in line]
     assert len(lines) == 1 and lines[0].startswith(f"warning: skipping unreadable image {data / 'broken.png'} ("), run.stderr
     assert "UserWarning" not in run.stderr and "DdpmctlWarning" not in run.stderr
+
+
+def test_small_sources_are_counted_from_headers_of_a_sample(tmp_path: Path) -> None:
+    from ddpmctl.data import upscale_note
+
+    for i in range(30):  # every third picture is large enough for 24 px
+        Image.new("RGB", (40, 30) if i % 3 == 0 else (20, 16), (i, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    dataset = ImageFolderDataset(tmp_path, 24)
+    assert upscale_note(dataset, 24) == (
+        f"20 of the 30 images in {tmp_path} are smaller than 24 px (most 16 px on the shorter side) and are upscaled "
+        "on the fly, so samples may look soft: train at a smaller --img-size, or add larger images")
+    # files 0, 3, 6, 9, 12, 16, 19, 22, 25, 29: spread over the folder, five of them small
+    assert upscale_note(dataset, 24, sample=10).startswith("5 of 10 images checked (of 30) in ")
+    assert upscale_note(ImageFolderDataset(tmp_path, 16), 16) is None  # none is smaller than 16 px
+    for i in range(3, 30):  # 1 small picture of 30 is not "many"
+        Image.new("RGB", (40, 30), (i, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    assert upscale_note(ImageFolderDataset(tmp_path, 24), 24) is None

@@ -46,7 +46,7 @@ from typer.testing import CliRunner
 from ddpmctl import checkpoints, rundir
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
-from ddpmctl.data import make_demo_dataset
+from ddpmctl.demo_data import make_demo_dataset
 from ddpmctl.engine import StepStats, StopFlag, train
 from ddpmctl.errors import TrainingStopped
 

@@ -22,7 +22,8 @@ from ddpmctl import memorization as mem
 from ddpmctl import memorization_io as mio
 from ddpmctl.cli.main import app
 from ddpmctl.config import resolve
-from ddpmctl.data import draw_demo_image, pil_to_uint8
+from ddpmctl.data import pil_to_uint8
+from ddpmctl.demo_data import draw_demo_image
 from ddpmctl.engine import train
 from ddpmctl.errors import DataError
 from ddpmctl.prepare import prepare

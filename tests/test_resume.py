@@ -27,7 +27,7 @@ from ddpmctl import checkpoints as ck
 from ddpmctl import config as config_mod
 from ddpmctl import diffusion, layout, rundir
 from ddpmctl.cli.main import app
-from ddpmctl.data import make_demo_dataset
+from ddpmctl.demo_data import make_demo_dataset
 from ddpmctl.engine import Note, StepStats, StopFlag, TrainFinished, train
 from ddpmctl.errors import TrainingStopped
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .. import config as config_mod
-from ..data import make_demo_dataset
+from ..demo_data import make_demo_dataset
 from ..inference import generate, load_model
 from ..layout import RUN_CONFIG
 from .common import console, handle_errors

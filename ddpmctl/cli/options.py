@@ -124,14 +124,16 @@ def config_parameters(panel_by_section: bool = True) -> list[inspect.Parameter]:
     return params
 
 
-def with_config_options(fn: Callable[[Path | None, dict[str, Any]], Any]) -> Callable[..., Any]:
-    """Wrap ``fn(config_file, overrides)`` into a Typer command taking every config field as a flag."""
+def with_config_options(fn: Callable[..., Any], extra: tuple[inspect.Parameter, ...] = ()) -> Callable[..., Any]:
+    """Wrap ``fn(config_file, overrides, **extra)`` into a Typer command taking every config field as a flag,
+    plus the options of ``extra`` (passed to ``fn`` by name)."""
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop(CONFIG_PARAM, None)
-        return fn(config_file, {k: v for k, v in kwargs.items() if v is not None})
+        flags = {p.name: kwargs.pop(p.name, p.default) for p in extra}
+        return fn(config_file, {k: v for k, v in kwargs.items() if v is not None}, **flags)
 
-    params = config_parameters()
+    params = [*config_parameters(), *extra]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = fn.__name__

@@ -16,25 +16,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import config as config_mod
 from ..engine import train
 from ..errors import TrainingStopped
-from ..events import CheckpointSaved, Evaluating, Event, GridSaved, Note, StepStats, TrainFinished, TrainStarted
+from ..estimate import duration
+from ..events import CheckpointSaved, Evaluating, Event, GridProgress, GridSaved, Note, StepStats, TrainFinished, TrainStarted
 from ..interrupts import StopFlag
 from ..layout import RUN_CONFIG
 from ..pretrained import fine_tuning_base
 from .common import console, err_console, handle_errors, interrupted, plural
+from .dryrun import DRY_RUN, show_plan
 from .options import with_config_options
 
 NOT_STARTED = "interrupted before training started; nothing was saved"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _speed(images_per_sec: float) -> str:
+    """Whole images/s, or two significant digits below 10 (a 128 px run on a CPU trains ~1 image/s)."""
+    return f"{images_per_sec:,.0f}" if images_per_sec >= 10 else f"{images_per_sec:.2g}"
 
 
 class TrainDisplay:
@@ -68,15 +68,21 @@ class TrainDisplay:
                 "training", total=event.total_steps, completed=event.start_step, loss="-", lr="-", speed="-", eta="-")
         elif isinstance(event, StepStats):
             self.last = event
+            # The first step's figures (before the first log interval) include start-up costs: an estimate.
+            eta = duration(event.eta) if event.logged else f"~{duration(event.eta)}"
             self.progress.update(
                 self.task, completed=event.step, description="training", loss=_loss(event.loss),
-                lr=f"{event.lr:.2e}", speed=f"{event.images_per_sec:,.0f}", eta=_duration(event.eta),
+                lr=f"{event.lr:.2e}", speed=_speed(event.images_per_sec), eta=eta,
             )
         elif isinstance(event, Evaluating):
-            self.progress.update(self.task, description="sampling grid")
+            what = f" ({event.sampler}, {event.denoise_steps} steps)" if event.sampler else ""
+            self.progress.update(self.task, description=f"sampling grid{what}")
+        elif isinstance(event, GridProgress):
+            self.progress.update(self.task, description=f"sampling grid {event.done}/{event.total}, "
+                                                        f"{duration(event.eta)} left")
         elif isinstance(event, GridSaved):
             self.progress.update(self.task, description="training")
-            loss = f", loss {_loss(self.last.loss)}, {self.last.images_per_sec:,.0f} img/s" if self.last else ""
+            loss = f", loss {_loss(self.last.loss)}, {_speed(self.last.images_per_sec)} img/s" if self.last else ""
             self.progress.console.print(f"step {event.step}{loss}: grid {event.path}", highlight=False, soft_wrap=True)
         elif isinstance(event, CheckpointSaved):
             gone = f" (removed {', '.join(Path(p).name for p in event.removed)})" if event.removed else ""
@@ -86,7 +92,7 @@ class TrainDisplay:
         elif isinstance(event, TrainFinished):
             self.stop()
             console.print(
-                f"[green]done[/]: {event.step} {plural(event.step, 'step')} in {_duration(event.elapsed)} "
+                f"[green]done[/]: {event.step} {plural(event.step, 'step')} in {duration(event.elapsed)} "
                 f"({event.images_per_sec:,.1f} img/s overall); last checkpoint {event.checkpoint}", highlight=False,
                 soft_wrap=True,
             )
@@ -150,7 +156,7 @@ def _before_training() -> Iterator[None]:
 
 
 @handle_errors
-def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def train_command(config_file: Path | None, overrides: dict[str, Any], dry_run: bool = False) -> None:
     """Train a new run (or, with --resume-from-checkpoint, continue one as the original script did)."""
     with _before_training():
         cfg = config_mod.resolve(config_file, overrides)
@@ -167,16 +173,20 @@ def train_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
             cfg = config_mod.resolve_for_resume(config_file, overrides)
         if cfg.training.init_from and not cfg.training.resume_from_checkpoint:  # fine-tuning: its own defaults
             cfg = config_mod.resolve(config_file, overrides, base=fine_tuning_base())
+        if dry_run:
+            return show_plan(cfg)
     run_training(cfg)
 
 
 @handle_errors
-def resume_command(config_file: Path | None, overrides: dict[str, Any]) -> None:
+def resume_command(config_file: Path | None, overrides: dict[str, Any], dry_run: bool = False) -> None:
     """Continue a run from its latest (or --resume-from-checkpoint) checkpoint; config.yaml has the rest."""
     with _before_training():
         cfg = config_mod.resolve_for_resume(config_file, overrides)
+        if dry_run:
+            return show_plan(cfg)
     run_training(cfg)
 
 
-train_cmd = with_config_options(train_command)
-resume_cmd = with_config_options(resume_command)
+train_cmd = with_config_options(train_command, (DRY_RUN,))
+resume_cmd = with_config_options(resume_command, (DRY_RUN,))
