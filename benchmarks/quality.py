@@ -206,7 +206,7 @@ def sample_images(checkpoint: str, folder: Path, num: int, sampler: str, steps: 
 
 def unique_name(out: Path, recipe: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name, i = f"{recipe}-{stamp}", 1
+    name, i = f"{recipe}-{stamp}-{os.getpid()}", 1  # two runs may start in the same second
     while (out / "work" / name).exists() or (out / "samples" / name).exists():
         name, i = f"{recipe}-{stamp}-{i}", i + 1
     return name

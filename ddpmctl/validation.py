@@ -74,9 +74,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"class_names must be distinct, got {', '.join(m.class_names)}")
     if s.sampling_steps is not None and not 1 <= s.sampling_steps <= d.num_diffusion_timesteps:
         raise ConfigError(f"sampling_steps must be between 1 and num_diffusion_timesteps ({d.num_diffusion_timesteps})")
-    if d.formulation == "edm" and (d.prediction_type != "epsilon" or d.loss_weighting != "none"):
-        raise ConfigError("formulation edm has its own network output and loss weight: leave prediction_type and "
-                          "loss_weighting at their defaults (or use formulation ddpm)")
+    if d.formulation == "edm" and d.loss_weighting != "none":  # (its prediction_type is ignored: a preset may set v)
+        raise ConfigError("formulation edm has its own loss weight: leave loss_weighting at none (or use formulation "
+                          "ddpm)")
     if d.min_snr_gamma <= 0:
         raise ConfigError(f"min_snr_gamma must be positive, got {d.min_snr_gamma}")
     if t.ema_halflife_images is not None and t.ema_halflife_images < 1:

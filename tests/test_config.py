@@ -117,3 +117,10 @@ def test_a_saved_model_section_without_a_later_option_gets_the_value_it_trained_
     assert C.saved_model_config(old).time_embedding_silu is False
     assert C.saved_model_config({**old, "time_embedding_silu": True}).time_embedding_silu is True
     assert C.ModelConfig().time_embedding_silu is True  # new runs
+
+
+def test_edm_takes_a_presets_prediction_type_but_refuses_a_loss_weight() -> None:
+    cfg = C.resolve(None, {"formulation": "edm", "prediction_type": "v"})  # a preset's v is ignored by EDM
+    assert cfg.diffusion.formulation == "edm"
+    with pytest.raises(ConfigError, match="formulation edm has its own loss weight"):
+        C.resolve(None, {"formulation": "edm", "loss_weighting": "min_snr"})
