@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .budget import plan_hours, recipe_options
 from .config import Config, apply_overrides, to_dict
 from .cost import ModelCost, model_cost
 from .doctor_report import Cell, DoctorReport, Point, Probe, Recommendation
@@ -242,6 +243,8 @@ def recommendation(cfg: Config, probe_result: Probe, target_effective: int, conf
               "--batch-size", str(batch), "--gradient-accumulation-steps", str(accum)]
     if checkpointing:
         parts.append("--gradient-checkpointing")
+    if not config_file:  # a config file is the user's recipe; otherwise the benchmark's winner (docs/quality.md)
+        parts += recipe_options(steps)
     return Recommendation(batch, accum, batch * accum, ips, steps, steps * batch * accum / ips if ips else None,
                           shlex.join(parts))
 
@@ -270,14 +273,17 @@ def checkpointing_advice(cfg: Config, probe_result: Probe, target_effective: int
 def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effective_batch: int = 64,
                img_sizes: tuple[int, ...] | None = None, channels: tuple[int, ...] | None = None,
                config_file: str | None = None, backend_ref: str | None = None, env: dict[str, str] | None = None,
-               on_progress: Callable[[str], None] | None = None) -> DoctorReport:
-    """Environment + probe of ``cfg`` + the table and the recommended command line, as one report."""
+               on_progress: Callable[[str], None] | None = None, hours: float | None = None) -> DoctorReport:
+    """Environment + probe of ``cfg`` + the table and the recommended command line, as one report (``hours``:
+    and the model that gives the best pictures in that time, :func:`~ddpmctl.budget.plan_hours`)."""
     started = time.perf_counter()
     say = on_progress or (lambda _m: None)
     if not 0 <= headroom < 1:
         raise ConfigError(f"--headroom must be in [0, 1), got {headroom}")
     if effective_batch < 1:
         raise ConfigError("--effective-batch must be at least 1")
+    if hours is not None and not hours > 0:
+        raise ConfigError(f"--hours must be positive, got {hours:g}")
     backend_ref = backend_ref or select_device(cfg.run.device).type
     backend = backend_name(backend_ref)
     mode = "full" if full else "quick"
@@ -345,5 +351,6 @@ def run_doctor(cfg: Config, *, full: bool = False, headroom: float = 0.15, effec
     notes = list(result.notes) + ([ckpt_note] if ckpt_note else [])
     if not full:
         notes.append("quick mode measured one cell; the others are extrapolated (--full measures each)")
+    hours_plan = plan_hours(table, hours, cfg.model.img_size, effective_batch, config_file) if hours else None
     return DoctorReport(SCHEMA_VERSION, mode, time.perf_counter() - started, environment_report, result, table,
-                        list(sizes), list(widths), rec, notes, rec_ckpt)
+                        list(sizes), list(widths), rec, notes, rec_ckpt, hours_plan)

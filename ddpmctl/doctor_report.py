@@ -72,6 +72,22 @@ class Recommendation:
 
 
 @dataclass
+class HoursPlan:
+    hours: float
+    img_size: int
+    starting_channels: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    images_per_sec: float
+    num_training_steps: int
+    images: int  # training images seen in the hours given
+    enough: bool  # reaches budget.IMAGES_FOR_GOOD_SAMPLES
+    command: str
+    why: str
+
+
+@dataclass
 class DoctorReport:
     schema: int
     mode: str  # quick or full
@@ -84,6 +100,7 @@ class DoctorReport:
     recommendation: Recommendation | None
     notes: list[str] = field(default_factory=list)
     recommendation_checkpointing: Recommendation | None = None  # when checkpointing reaches the effective batch in fewer steps
+    hours_plan: HoursPlan | None = None  # doctor --hours: the model that gives the best pictures in that time
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

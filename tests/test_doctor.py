@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddpmctl import doctor, machine
+from ddpmctl import budget, doctor, machine
 from ddpmctl.cli.main import app
 from ddpmctl.config import Config, apply_overrides
 from ddpmctl.cost import ModelCost, model_cost
@@ -187,7 +188,9 @@ def test_fake_mps_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert probe.max_batch_checkpointing == 60
     # 23 < the effective batch 64: checkpointing is suggested, 2 steps of 32 instead of 3 of 22.
     ckpt = report.recommendation_checkpointing
-    assert (ckpt.batch_size, ckpt.gradient_accumulation_steps) == (32, 2) and ckpt.command.endswith("--gradient-checkpointing")
+    assert (ckpt.batch_size, ckpt.gradient_accumulation_steps) == (32, 2) and "--gradient-checkpointing" in ckpt.command
+    recipe = shlex.join(budget.recipe_options(report.recommendation.num_training_steps))
+    assert report.recommendation.command.endswith(recipe)  # no config file given: the benchmark's recipe
     assert any("only 23 image(s) fit per step without checkpointing" in n and "with --gradient-checkpointing 60 fit" in n
                for n in report.notes)
     assert report.environment.backend == "mps"

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .. import config as config_mod
 from ..doctor import DEFAULT_CHANNELS, DEFAULT_IMG_SIZES, DoctorReport, run_doctor
+from ..doctor_report import HoursPlan
 from .common import console, err_console, handle_errors
 from .options import MaybeDeviceOpt, MaybePrecisionOpt, plain_help
 
@@ -19,6 +20,9 @@ STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold 
 
 def _gib(value: float | None) -> str:
     return "?" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+LONG_RUN_SECONDS = 2 * 24 * 3600  # a recommended run longer than this gets a pointer to --hours
 
 
 def _duration(seconds: float | None) -> str:
@@ -32,12 +36,26 @@ def _batch(value: int | None) -> str:
     return "?" if value is None else ("does not fit" if value == 0 else str(value))
 
 
-def table_axes(cfg: config_mod.Config, img_size: int | None, channels: int | None,
-               config_file: Path | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Rows and columns of the table: the defaults, or only what was asked for."""
+def table_axes(cfg: config_mod.Config, img_size: int | None, channels: int | None, config_file: Path | None,
+               hours: float | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Rows and columns of the table: the defaults, or only what was asked for; with --hours, every size from
+    32 px up to the asked one and widths from 32 channels, the candidates of the plan."""
+    if hours:
+        top = cfg.model.img_size
+        sizes = tuple(sorted({s for s in (32, 64, 128, 256) if s <= top} | {top}))
+        return sizes, tuple(sorted({32, *DEFAULT_CHANNELS, cfg.model.starting_channels}))
     sizes = (cfg.model.img_size,) if img_size or config_file else DEFAULT_IMG_SIZES
     widths = (cfg.model.starting_channels,) if channels else tuple(sorted({*DEFAULT_CHANNELS, cfg.model.starting_channels}))
     return sizes, widths
+
+
+def render_hours_plan(plan: HoursPlan) -> None:
+    checkpointing = ", with --gradient-checkpointing" if plan.gradient_checkpointing else ""
+    console.print(f"[bold]best pictures in {plan.hours:g} h:[/] {plan.img_size}px / {plan.starting_channels} channels, "
+                  f"batch {plan.batch_size} x {plan.gradient_accumulation_steps}{checkpointing}, "
+                  f"{plan.num_training_steps:,} steps ({plan.images:,} images at {plan.images_per_sec:,.1f} img/s): "
+                  f"{plan.why}", highlight=False)
+    console.print(f"  {plan.command}", highlight=False, soft_wrap=True)
 
 
 def render(report: DoctorReport) -> None:
@@ -112,10 +130,17 @@ def render(report: DoctorReport) -> None:
         grid.add_row(*row)
     console.print(grid)
 
+    if report.hours_plan is not None:
+        render_hours_plan(report.hours_plan)
     if rec is not None:
-        console.print(f"recommended (effective batch {rec.effective_batch}, about {_duration(rec.estimated_seconds)} "
+        asked = "the model asked for" if report.hours_plan is not None else "recommended"
+        console.print(f"{asked} (effective batch {rec.effective_batch}, about {_duration(rec.estimated_seconds)} "
                       f"for {rec.num_training_steps:,} steps at {rec.images_per_sec or 0:,.1f} img/s):", highlight=False)
         console.print(f"  {rec.command}", highlight=False, soft_wrap=True)
+        if report.hours_plan is None and (rec.estimated_seconds or 0) >= LONG_RUN_SECONDS:
+            console.print(f"[yellow]that is {_duration(rec.estimated_seconds)} here:[/] `ddpmctl doctor --hours H` "
+                          "plans the size, width and steps that give the best pictures in the H hours you have",
+                          highlight=False)
     ckpt_rec = report.recommendation_checkpointing
     if ckpt_rec is not None:
         console.print(f"with --gradient-checkpointing (effective batch {ckpt_rec.effective_batch} in "
@@ -141,20 +166,24 @@ def doctor_cmd(
     effective_batch: Annotated[int, typer.Option("--effective-batch", min=1,
                                                  help="images per optimizer step to recommend")] = 64,
     full: Annotated[bool, typer.Option("--full", help="measure every table cell, compile-check, bisect (slow)")] = False,
+    hours: Annotated[Optional[float], typer.Option(
+        "--hours", help="plan the image size, width, batch and steps that give the best pictures in this many "
+                        "hours here (from the measured speeds and the quality benchmark's curve)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
 ) -> None:
     """Probe this machine's memory (CUDA, MPS or CPU) with real training steps and suggest batch size and width."""
     overrides: dict[str, Any] = {"img_size": img_size, "starting_channels": starting_channels,
                                  "num_training_steps": num_training_steps, "device": device, "precision": precision}
     cfg = config_mod.resolve(config, overrides)
-    sizes, widths = table_axes(cfg, img_size, starting_channels, config)
+    sizes, widths = table_axes(cfg, img_size, starting_channels, config, hours)
 
     def progress(message: str) -> None:
         if not as_json:
             err_console.print(f"[dim]{message}[/]", highlight=False)
 
     report = run_doctor(cfg, full=full, headroom=headroom, effective_batch=effective_batch, img_sizes=sizes,
-                        channels=widths, config_file=str(config) if config else None, on_progress=progress)
+                        channels=widths, config_file=str(config) if config else None, on_progress=progress,
+                        hours=hours)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
