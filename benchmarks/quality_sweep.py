@@ -1,6 +1,6 @@
 """Training recipes side by side at an equal budget, scored by benchmarks/quality.py: the table of docs/quality.md.
 
-Each recipe trains the demo preset's network (configs/demo_cpu.yaml, 32 px) with ddpmctl options laid over
+Each recipe trains the demo preset's network (benchmarks/quality_preset.yaml, 32 px) with ddpmctl options laid over
 it, for the same number of training images (8 minutes of the demo recipe on a 2-core CPU by default: a
 budget in images is deterministic and fair however busy the machine is), then samples 1,000 images with
 the sampler given and scores them (FD in the judge's features, confidence, label coverage, memorization).
@@ -11,8 +11,10 @@ JSON line is kept in ``--log``.
     python benchmarks/quality_sweep.py --only demo edm-g8    # some of them
     python benchmarks/quality_sweep.py --table               # print the table of what --log holds
 
-``--steps-curve LABEL`` re-samples a finished run with its sampler at 10/20/50/100 steps (``--samplers``
-changes them) and ``--checkpoints LABEL`` scores every checkpoint a run kept (FD against training time).
+``--plot`` draws FD against training minutes (docs/images/quality_vs_minutes.png) from every row of ``--log``
+and of the logs given to it (runs of the same recipes with other ``--images`` budgets, kept apart with
+``--log``), and prints those points. ``--steps-curve LABEL`` re-samples a finished run with its sampler at
+10/20/50/100 steps (``--samplers`` changes them) and ``--checkpoints LABEL`` scores every checkpoint a run kept.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ROOT / "benchmarks" / "quality.py"
 DEMO_8_MINUTES = 68_640  # images the demo recipe trained in 8 minutes on the 2-core CPU (2,145 steps of 32)
+DEMO_IMAGES_PER_MINUTE = DEMO_8_MINUTES / 8
 
 # label: (quality.py recipe, ddpmctl options, sampler, sampling steps)
 RECIPES: dict[str, tuple[str, dict[str, object], str, int]] = {
     "seed": ("seed", {}, "ddim", 50),
     "demo": ("demo", {}, "ddim", 50),
+    "house": ("house", {}, "dpmpp2m", 20),
     "demo-dpm20": ("demo", {}, "dpmpp2m", 20),
     "demo-minsnr": ("demo", {"loss_weighting": "min_snr"}, "dpmpp2m", 20),
+    "minsnr-g8": ("demo", {"loss_weighting": "min_snr", "norm_groups": 8}, "dpmpp2m", 20),
+    "minsnr-g8-lr1e-3": ("demo", {"loss_weighting": "min_snr", "norm_groups": 8, "learning_rate": 1e-3}, "dpmpp2m", 20),
+    "w48-minsnr-g8": ("demo", {"loss_weighting": "min_snr", "norm_groups": 8, "starting_channels": 48}, "dpmpp2m", 20),
     "eps-minsnr": ("demo", {"prediction_type": "epsilon", "loss_weighting": "min_snr"}, "dpmpp2m", 20),
     "demo-g8": ("demo", {"norm_groups": 8}, "dpmpp2m", 20),
     "edm": ("demo", {"formulation": "edm"}, "heun", 10),
@@ -45,10 +52,15 @@ RECIPES: dict[str, tuple[str, dict[str, object], str, int]] = {
     "edm-g8-ema2k": ("demo", {"formulation": "edm", "norm_groups": 8, "ema_halflife_images": 2000}, "heun", 10),
 }
 
+# Recipes whose network is slower than the demo's train for the same minutes, not the same images: the share of
+# the demo's images they see in that time (training speed ratio measured here, 1 torch thread, 2026-12-05).
+EQUAL_MINUTES_SHARE = {"w48-minsnr-g8": 0.46}
+
 
 def command(label: str, args: argparse.Namespace, extra: list[str] | None = None) -> list[str]:
     recipe, options, sampler, steps = RECIPES[label]
-    cmd = [sys.executable, str(QUALITY), "--recipe", recipe, "--images", str(args.images), "--num", str(args.num),
+    images = int(args.images * EQUAL_MINUTES_SHARE.get(label, 1.0)) // 32 * 32
+    cmd = [sys.executable, str(QUALITY), "--recipe", recipe, "--images", str(images), "--num", str(args.num),
            "--sampler", sampler, "--steps", str(steps), "--out", str(args.out)]
     for key, value in options.items():
         cmd += ["--set", f"{key}={value}"]
@@ -93,12 +105,43 @@ def table(log: Path) -> str:
     return "\n".join(out)
 
 
+def plot(logs: list[Path], out: Path) -> None:
+    """FD against training minutes on the 2-core CPU (images / the demo recipe's measured speed), one line a recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, dict[float, float]] = {}
+    for log in logs:
+        for row in (json.loads(x) for x in log.read_text().splitlines()) if log.is_file() else []:
+            minutes = row["budget"]["images"] / DEMO_IMAGES_PER_MINUTE
+            lines.setdefault(row["label"], {})[minutes] = row["scores"]["fd"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, points in sorted(lines.items()):
+        if len(points) > 1:
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+            print(f"# {label}: " + ", ".join(f"{x:.1f} min FD {points[x]:.2f}" for x in xs))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training minutes on a 2-core CPU (images / 143 img/s)")
+    ax.set_ylabel("FD in the judge's features (lower is better)")
+    ax.set_title(f"quality against training time ({time.strftime('%Y-%m-%d')})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    print(f"# wrote {out}")
+
+
 def resample(label: str, sampler: str, steps: int, checkpoint: str, args: argparse.Namespace, tag: str) -> dict | None:
     """Sample a finished run's checkpoint again and score the folder (quality.py --score-only)."""
     folder = args.out / "resampled" / f"{label}-{tag}-{sampler}{steps}"
     sample = [sys.executable, "-m", "ddpmctl", "sample", "--checkpoint", checkpoint, "--out", str(folder), "--num",
               str(args.num), "--sampler", sampler, "--steps", str(steps), "--device", "cpu", "--force"]
-    if subprocess.run(sample, capture_output=True, text=True).returncode != 0:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if subprocess.run(sample, capture_output=True, text=True, env=env).returncode != 0:
         print(f"# sampling {label} {tag} failed", flush=True)
         return None
     return run_one([sys.executable, str(QUALITY), "--score-only", str(folder), "--out", str(args.out)],
@@ -124,6 +167,8 @@ def main() -> int:
     ap.add_argument("--log", type=Path, default=ROOT / "runs" / "quality" / "sweep.jsonl")
     ap.add_argument("--curves", type=Path, default=ROOT / "runs" / "quality" / "curves.jsonl")
     ap.add_argument("--table", action="store_true", help="only print the table of --log")
+    ap.add_argument("--plot", nargs="*", type=Path, metavar="LOG", help="only plot FD against minutes (--log + LOGs)")
+    ap.add_argument("--plot-out", type=Path, default=ROOT / "docs" / "images" / "quality_vs_minutes.png")
     ap.add_argument("--steps-curve", metavar="LABEL", help="re-sample LABEL's run at 10/20/50/100 steps")
     ap.add_argument("--samplers", nargs="*", default=None, help="samplers for --steps-curve (default: the run's)")
     ap.add_argument("--checkpoints", metavar="LABEL", help="score every checkpoint LABEL's run kept")
@@ -131,6 +176,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.log))
+        return 0
+    if args.plot is not None:
+        plot([args.log, *args.plot], args.plot_out)
         return 0
     if args.steps_curve:
         row = newest(args.log, args.steps_curve)

@@ -20,6 +20,7 @@ from .files import atomic_path
 from .runtime import capture_cuda_graph, classify_oom, is_compiled
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "heun")
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "heun": "Heun"}  # as papers write them
 GRID_PAD = 2  # white pixels between the tiles of a progression grid
 
 # One generator for the whole batch, or one per image (then each image's noise is independent of the batch).

@@ -15,6 +15,7 @@ from .. import config as config_mod
 from ..demo_data import make_demo_dataset
 from ..inference import generate, load_model
 from ..layout import RUN_CONFIG
+from ..sampling import SAMPLER_NAMES, recommended_sampler
 from .common import console, handle_errors
 from .train import run_training
 
@@ -42,9 +43,12 @@ def demo(
     else:
         console.print(f"[bold]2/3[/] training in {cfg.run_dir}", highlight=False)
     run_training(cfg)
-    console.print(f"[bold]3/3[/] sampling 64 images with DDIM-50 (EMA weights) into {out}", highlight=False)
     loaded = load_model(cfg.run_dir, device=cfg.run.device, precision=cfg.training.precision)
-    sheet = generate(loaded, out, 64, sampler="ddim", steps=50, seed=0, grid=True, contact_sheet=True, force=True).sheet
+    sampler, steps = recommended_sampler(loaded.config.diffusion)
+    console.print(f"[bold]3/3[/] sampling 64 images with {SAMPLER_NAMES[sampler]}-{steps} (EMA weights) into {out}",
+                  highlight=False)
+    sheet = generate(loaded, out, 64, sampler=sampler, steps=steps, seed=0, grid=True, contact_sheet=True,
+                     force=True).sheet
     console.print(f"[green]demo done[/] in {time.perf_counter() - started:.0f} s", highlight=False)
     console.print(f"  samples grid:     {sheet}", highlight=False)
     console.print(f"  denoising grid:   {out / 'progression.png'}", highlight=False)
