@@ -43,14 +43,15 @@ class SampleResult:
 
 
 def recommended_sampler(cfg: DiffusionConfig) -> tuple[str, int]:
-    """The sampler and step count that measured best for this objective (benchmarks/quality.py, docs/quality.md).
+    """The sampler and step count to use when none is asked for (docs/quality.md#sampling-steps).
 
-    Deterministic second-order samplers reach a given quality in the fewest network calls: Heun on EDM's
-    noise-level grid (Karras et al. 2022), DPM-Solver++(2M) on DDPM timesteps (Lu et al. 2022).
+    Deterministic second-order samplers reach a given quality in the fewest network calls. DDPM-formulation
+    models: DPM-Solver++(2M) (Lu et al. 2022) at 20 steps, where the benchmark's FD levelled off. EDM models:
+    Heun on EDM's noise levels at EDM's own 18 steps for 32 px (Karras et al. 2022, 35 network calls).
     """
     if cfg.formulation == "edm":
         return "heun", 18
-    return "dpmpp2m", 25
+    return "dpmpp2m", 20
 
 
 def sampler_timesteps(num_steps: int, sampler: str, steps: int | None) -> list[int]:

@@ -238,7 +238,7 @@ def test_sample_cli_defaults_to_the_sampler_measured_best_for_the_objective(tiny
     result = runner.invoke(app, ["sample", "--checkpoint", str(tiny_run / "working" / "tiny"), "--out", str(out),
                                  "--num", "1"])
     assert result.exit_code == 0, result.output
-    assert "dpmpp2m, 20 steps" in result.output  # a ddpm model: DPM-Solver++(2M), 25 steps capped at its T = 20
+    assert "dpmpp2m, 20 steps" in result.output  # a ddpm model: DPM-Solver++(2M) at its recommended 20 steps (T = 20)
 
 
 @pytest.mark.parametrize("args, message", [
