@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,35 @@ from ddpmctl.demo_data import make_demo_dataset
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Back to one thread after a test that changes it: bit-exact comparisons need one fixed reduction order (and
+    the subprocesses use one thread too)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 demo images of 16 px (built once per session)."""
     return make_demo_dataset(tmp_path_factory.mktemp("tiny_images"), num_images=64, size=16, seed=0)
+
+
+def train_tiny_run(work: Path, images: Path) -> Path:
+    """A 2-step tiny run on ``images`` (one checkpoint, one grid); returns its run folder."""
+    from ddpmctl.config import resolve
+    from ddpmctl.engine import train
+
+    cfg = resolve(None, {
+        "experiment_name": "tiny", "path_to_data": str(images), "working_directory": str(work / "working"),
+        "generated_directory": str(work / "generated"), "img_size": 16, "starting_channels": 8,
+        "channel_multipliers": "1,2", "attention_resolutions": "8", "num_heads": 2, "num_diffusion_timesteps": 20,
+        "num_training_steps": 2, "batch_size": 8, "warmup_steps": 1, "evaluation_interval": 2, "num_workers": 0,
+        "num_generations": 1, "log_interval": 1, "device": "cpu",
+    })
+    train(cfg)
+    return cfg.run_dir
 
 
 def tiny_args(data: Path, work: Path, steps: int = 4, **extra: object) -> list[str]:

@@ -7,7 +7,6 @@ for the class to show, and for guidance to make it show more clearly.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,6 @@ from ddpmctl.sampling import guided
 runner = CliRunner()
 SIZE = 8  # the quality test's images: a disc or a square, white on black
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def draw_shapes(root: Path, count: int = 64) -> Path:

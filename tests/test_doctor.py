@@ -27,15 +27,6 @@ TINY = {"img_size": 16, "starting_channels": 8, "channel_multipliers": "1,2", "a
         "num_heads": 2, "num_diffusion_timesteps": 20, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The child probe takes the caller's thread count; one thread keeps it fast on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- arithmetic
 
 

@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, train_tiny_run
 from typer.testing import CliRunner
 
 import ddpmctl.evaluate as ev
 import ddpmctl.inception as inc
 from ddpmctl.checkpoints import sha256_file
 from ddpmctl.cli.main import app
-from ddpmctl.config import resolve
 from ddpmctl.data import ImageFolderDataset
-from ddpmctl.engine import train
 from ddpmctl.errors import EvaluationError
 from ddpmctl.inference import iter_samples, load_model
 from ddpmctl.sampling import to_uint8
@@ -78,16 +76,7 @@ def test_fid_and_kid_match_a_direct_computation():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_images: Path) -> Path:
-    work = tmp_path_factory.mktemp("eval_run")
-    cfg = resolve(None, {
-        "experiment_name": "tiny", "path_to_data": str(tiny_images), "working_directory": str(work / "working"),
-        "generated_directory": str(work / "generated"), "img_size": 16, "starting_channels": 8,
-        "channel_multipliers": "1,2", "attention_resolutions": "8", "num_heads": 2, "num_diffusion_timesteps": 20,
-        "num_training_steps": 2, "batch_size": 8, "warmup_steps": 1, "evaluation_interval": 2, "num_workers": 0,
-        "num_generations": 1, "log_interval": 1, "device": "cpu",
-    })
-    train(cfg)
-    return cfg.run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("eval_run"), tiny_images)
 
 
 def test_evaluate_end_to_end_matches_direct_fid(tiny_run, tiny_images, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, train_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,10 +21,8 @@ from ddpmctl import descriptor
 from ddpmctl import memorization as mem
 from ddpmctl import memorization_io as mio
 from ddpmctl.cli.main import app
-from ddpmctl.config import resolve
 from ddpmctl.data import pil_to_uint8
 from ddpmctl.demo_data import draw_demo_image
-from ddpmctl.engine import train
 from ddpmctl.errors import DataError
 from ddpmctl.prepare import prepare
 
@@ -238,16 +236,7 @@ def test_nearest_png_frames_likely_copies_in_red(reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_images: Path) -> Path:
-    work = tmp_path_factory.mktemp("mem_run")
-    cfg = resolve(None, {
-        "experiment_name": "tiny", "path_to_data": str(tiny_images), "working_directory": str(work / "working"),
-        "generated_directory": str(work / "generated"), "img_size": 16, "starting_channels": 8,
-        "channel_multipliers": "1,2", "attention_resolutions": "8", "num_heads": 2, "num_diffusion_timesteps": 20,
-        "num_training_steps": 2, "batch_size": 8, "warmup_steps": 1, "evaluation_interval": 2, "num_workers": 0,
-        "num_generations": 1, "log_interval": 1, "device": "cpu",
-    })
-    train(cfg)
-    return cfg.run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("mem_run"), tiny_images)
 
 
 def evaluate_args(run: Path, data: Path, tmp_path: Path, *extra: str) -> list[str]:
