@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpmctl.config import resolve
 from ddpmctl.demo_data import make_demo_dataset
+from ddpmctl.engine import train
 
 # Tiny models run fastest on one thread, and two OpenMP threads on a busy 2-core machine spin against
 # each other (up to 15x slower): every test runs single-threaded.
@@ -32,9 +34,6 @@ def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_tiny_run(work: Path, images: Path) -> Path:
     """A 2-step tiny run on ``images`` (one checkpoint, one grid); returns its run folder."""
-    from ddpmctl.config import resolve
-    from ddpmctl.engine import train
-
     cfg = resolve(None, {
         "experiment_name": "tiny", "path_to_data": str(images), "working_directory": str(work / "working"),
         "generated_directory": str(work / "generated"), "img_size": 16, "starting_channels": 8,
