@@ -59,6 +59,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import quality_data  # noqa: E402
 import quality_judge  # noqa: E402
 
+from ddpmctl.budget import RECIPE  # noqa: E402
 from ddpmctl.config import Config, apply_overrides, resolve  # noqa: E402
 from ddpmctl.errors import ConfigError, DdpmctlError  # noqa: E402
 
@@ -69,9 +70,9 @@ RECIPES: dict[str, dict[str, object]] = {
     "seed": {"beta_schedule": "linear", "prediction_type": "epsilon", "learning_rate": 1e-4, "warmup_steps": 5000},
     # Today's demo preset as it is: cosine schedule + v-prediction, lr 2e-3, 100 warmup steps.
     "demo": {},
-    # The adopted recipe (configs/demo_cpu.yaml since 2026-12-05, ddpmctl.budget.RECIPE but the learning rate):
+    # The adopted recipe, ddpmctl.budget.RECIPE but its learning rate (configs/demo_cpu.yaml since 2026-12-05):
     # Min-SNR-5 weights, 8 GroupNorm groups, EDM's EMA half-life held at 5% of the images seen by its ramp.
-    "house": {"loss_weighting": "min_snr", "norm_groups": 8, "ema_halflife_images": 500_000},
+    "house": {key.replace("-", "_"): value for key, value in RECIPE.items() if key != "learning-rate"},
 }
 # Options the harness sets itself (the rest is the recipe's and --set's).
 OWNED = {"path_to_data": "the benchmark's own train set", "working_directory": "--out",

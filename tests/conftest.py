@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Back to one thread after a test that changes it: bit-exact comparisons need one fixed reduction order (and
+def one_thread() -> None:
+    """One thread again after a test that changed it: bit-exact comparisons need one fixed reduction order (and
     the subprocesses use one thread too)."""
-    torch.set_num_threads(1)
-    yield
     torch.set_num_threads(1)
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpmctl.config import apply_overrides, resolve, to_dict
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -130,3 +132,12 @@ def test_bad_options_are_one_line_errors_before_any_work(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and needle in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing drawn, nothing trained
+
+
+def test_the_house_recipe_is_the_demo_preset():
+    """The adopted recipe laid over the benchmark's frozen preset is configs/demo_cpu.yaml, option for option."""
+    house = to_dict(apply_overrides(resolve(quality.PRESET, {}), quality.RECIPES["house"]))
+    demo = to_dict(resolve(BENCH.parent / "configs" / "demo_cpu.yaml", {}))
+    for cfg in (house, demo):
+        del cfg["training"]["ema_decay"]  # inert beside ema_halflife_images
+    assert house == demo

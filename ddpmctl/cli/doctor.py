@@ -42,7 +42,7 @@ def table_axes(cfg: config_mod.Config, img_size: int | None, channels: int | Non
     32 px up to the asked one and widths from 32 channels, the candidates of the plan."""
     if hours:
         top = cfg.model.img_size
-        sizes = tuple(sorted({s for s in (32, 64, 128, 256) if s <= top} | {top}))
+        sizes = tuple(sorted({s for s in (32, *DEFAULT_IMG_SIZES) if s <= top} | {top}))
         return sizes, tuple(sorted({32, *DEFAULT_CHANNELS, cfg.model.starting_channels}))
     sizes = (cfg.model.img_size,) if img_size or config_file else DEFAULT_IMG_SIZES
     widths = (cfg.model.starting_channels,) if channels else tuple(sorted({*DEFAULT_CHANNELS, cfg.model.starting_channels}))
